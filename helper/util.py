@@ -1,0 +1,147 @@
+"""Small shared pieces: accuracy, learning-rate schedule, device metrics, atomic files, seeding."""
+import json
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracies in percent, as 0-dim tensors on the logits' device (no host sync)."""
+    maxk = max(topk)
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.eq(target.reshape(-1, 1))
+    # reshape, not view: the reference's .view(-1) fails on this non-contiguous slice (quirk 2)
+    return [correct[:, :k].reshape(-1).float().sum() * (100.0 / target.size(0)) for k in topk]
+
+
+def lr_at_epoch(epoch, opt):
+    """Step schedule of the reference: decay by lr_decay_rate at each epoch in lr_decay_epochs."""
+    steps = sum(epoch > e for e in opt.lr_decay_epochs)
+    return opt.learning_rate * (opt.lr_decay_rate ** steps)
+
+
+def adjust_learning_rate(epoch, opt, optimizer):
+    """Set the learning rate of ``epoch`` (1-based) on every parameter group; return it."""
+    lr = lr_at_epoch(epoch, opt)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    return lr
+
+
+class Meter:
+    """Sums of per-sample loss and top-1/top-5 hits, kept on the device.
+
+    ``update`` never synchronises with the host; ``values()`` does (call it only when
+    printing). ``all_reduce`` sums the counts of every process, weighted by their sample
+    counts, so uneven shards give the exact global mean.
+    """
+
+    def __init__(self, device):
+        # [loss_sum, top1_hits, top5_hits, n]
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def update(self, loss, logits, target):
+        n = target.size(0)
+        acc1, acc5 = accuracy(logits.detach(), target, topk=(1, min(5, logits.size(1))))
+        step = torch.stack([loss.detach().double() * n, acc1.double() * n / 100.0,
+                            acc5.double() * n / 100.0, torch.tensor(float(n), dtype=torch.float64,
+                                                                    device=self.sums.device)])
+        self.sums += step
+
+    def all_reduce(self):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.sums)
+        return self
+
+    def values(self):
+        """(top1 %, top5 %, mean loss, n) as Python floats."""
+        loss_sum, hit1, hit5, n = self.sums.tolist()
+        n = max(n, 1.0)
+        return 100.0 * hit1 / n, 100.0 * hit5 / n, loss_sum / n, int(n)
+
+
+def format_eta(seconds):
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return '{:d}:{:02d}:{:02d}'.format(h, m, s)
+
+
+def _atomic_write(path, write):
+    """Write through a temporary file in the same folder, then rename it into place.
+
+    A kill at any moment leaves either the old file or the new one, never a torn one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_checkpoint(state, path):
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_dict_to_json(d, path):
+    """Atomically write a JSON dict (numbers kept as floats, tensors converted)."""
+    def convert(v):
+        if isinstance(v, torch.Tensor):
+            return v.tolist()
+        if isinstance(v, (np.generic,)):
+            return v.item()
+        return v
+    text = json.dumps({k: convert(v) for k, v in d.items()}, indent=2, sort_keys=True, default=str)
+    _atomic_write(path, lambda f: f.write(text.encode() + b'\n'))
+
+
+def write_jsonl(records, path):
+    """Atomically (re)write a JSON-lines file, one record per line."""
+    text = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records)
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def set_seed(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state():
+    """Every RNG a run draws from, in a form torch.save/torch.load round-trip."""
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])

@@ -1,0 +1,23 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, args, cwd, timeout=600, check=True):
+    """Run one of the repo's entry scripts through the real command line."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='2')
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script)] + [str(a) for a in args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError('{} failed ({}):\n{}\n{}'.format(script, proc.returncode, proc.stdout[-3000:],
+                                                              proc.stderr[-3000:]))
+    return proc
+
+
+@pytest.fixture
+def run():
+    return run_script

@@ -1,0 +1,136 @@
+"""Distil a teacher into a student with any method of the zoo.
+
+    python train_student.py --path-t ./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth \
+        --distill semckd --model_s resnet8x4 -r 1 -a 1 -b 400 --trial 0
+
+loss = gamma * CE(student, y) + alpha * KL_T(student, teacher) + beta * <method's loss>.
+The teacher's architecture is read from its folder name (or --model_t). Outputs go to
+save/student_model/S:{model_s}_T:{model_t}_{dataset}_{distill}_r:{gamma}_a:{alpha}_b:{beta}_{trial}/.
+"""
+import argparse
+import os
+
+import torch
+import torch.optim as optim
+
+from helper.errors import UserError
+from helper.loops import DistillObjective, validate
+from helper.options import add_common_args, finish_common
+from helper.teacher import SPLIT, get_teacher_name, load_teacher
+from helper.trainer import Trainer, log_main, prepare_save_folder, run_main, setup_device
+
+
+def parse_option(argv=None):
+    from distiller_zoo import DISTILLERS
+    from models import model_dict
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group('models')
+    g.add_argument('--model_s', type=str, default='resnet8', help='student architecture')
+    g.add_argument('--path-t', type=str, default=None, help='teacher checkpoint ({"model": state_dict})')
+    g.add_argument('--model_t', type=str, default=None, help="teacher architecture (default: from its folder name)")
+
+    g = parser.add_argument_group('distillation')
+    g.add_argument('--distill', type=str, default='kd', help='method: ' + ', '.join(sorted(DISTILLERS)))
+    g.add_argument('-r', '--gamma', type=float, default=1.0, help='weight of the classification loss')
+    g.add_argument('-a', '--alpha', type=float, default=1.0, help='weight of the KD (KL) loss')
+    g.add_argument('-b', '--beta', type=float, default=0.0, help="weight of the method's own loss")
+    g.add_argument('--kd_T', type=float, default=4, help='temperature of the KD loss')
+    g.add_argument('--skip-validation', action='store_true', help="don't evaluate the teacher before training")
+    g.add_argument('--feat_dim', default=128, type=int, help='embedding size (CC, CRD)')
+    g.add_argument('--mode', default='exact', type=str, choices=['exact', 'relax'], help='CRD sampling mode')
+    g.add_argument('--nce_k', default=16384, type=int, help='CRD: negatives per sample')
+    g.add_argument('--nce_t', default=0.07, type=float, help='CRD: softmax temperature')
+    g.add_argument('--nce_m', default=0.5, type=float, help='CRD: memory momentum')
+    g.add_argument('--hint_layer', default=1, type=int, help='FitNet: index into the feature list')
+    g.add_argument('--transform_layer_t', nargs='+', type=int, default=[], help='IRG: teacher transform layers')
+    g.add_argument('--transform_layer_s', nargs='+', type=int, default=[], help='IRG: student transform layers')
+    g.add_argument('--no_edge_transform', action='store_true', help='IRG: drop the edge-transform term')
+    g.add_argument('--hkd_initial_weight', default=100, type=float, help='HKD: weight of the first layer')
+    g.add_argument('--hkd_decay', default=0.7, type=float, help='HKD: layer weight decay')
+    for cls in DISTILLERS.values():
+        if hasattr(cls, 'add_arguments'):
+            cls.add_arguments(parser)
+    add_common_args(parser)
+    opt = parser.parse_args(argv)
+
+    if opt.model_s not in model_dict:
+        raise UserError("unknown --model_s '{}'; valid names: {}".format(opt.model_s, ', '.join(sorted(model_dict))))
+    if opt.distill not in DISTILLERS:
+        raise UserError("unknown --distill '{}'; valid methods: {}".format(opt.distill, ', '.join(sorted(DISTILLERS))))
+    if opt.path_t is None:
+        raise UserError('--path-t is required: the teacher checkpoint, e.g. '
+                        './save/models/resnet32x4_vanilla/ckpt_epoch_240.pth')
+    if not os.path.isfile(opt.path_t):
+        raise UserError("teacher file '{}' does not exist; train one with train_teacher.py or run "
+                        "scripts/fetch_pretrained_teachers.sh".format(opt.path_t))
+    if opt.model_t is None:
+        opt.model_t = get_teacher_name(opt.path_t, model_dict)
+    elif opt.model_t not in model_dict:
+        raise UserError("unknown --model_t '{}'; valid names: {}".format(opt.model_t, ', '.join(sorted(model_dict))))
+    finish_common(opt, opt.model_s)
+
+    opt.model_name = SPLIT.join(['S', '{}_T', '{}_{}_{}_r', '{}_a', '{}_b', '{}_{}']).format(
+        opt.model_s, opt.model_t, opt.dataset, opt.distill, opt.gamma, opt.alpha, opt.beta, opt.trial)
+    opt.save_folder = os.path.join(opt.save_root, 'student_model', opt.model_name)
+    return opt
+
+
+def main(argv=None):
+    opt = parse_option(argv)
+    from dataset import NUM_CLASSES, get_dataloaders, image_size
+    from distiller_zoo import DISTILLERS, build_distiller
+    from models import build_model
+
+    device = setup_device(opt)
+    log = log_main(opt)
+    n_cls = NUM_CLASSES[opt.dataset]
+    method = DISTILLERS[opt.distill]
+
+    model_t = load_teacher(opt.path_t, opt.model_t, n_cls, opt.dataset)
+    model_s = build_model(opt.model_s, n_cls, dataset=opt.dataset)
+    train_loader, val_loader, train_sampler, n_data = get_dataloaders(opt, data_mode=method.data_mode,
+                                                                      drop_last=method.drop_last)
+    opt.n_data = n_data
+
+    # one probe forward tells the method the feature shapes it adapts between
+    size = image_size(opt.dataset)
+    probe = torch.randn(2, 3, size, size)
+    model_s.eval()
+    model_t.eval()
+    with torch.no_grad():
+        feat_s, _ = model_s(probe, is_feat=True)
+        feat_t, _ = model_t(probe, is_feat=True)
+    distiller = build_distiller(opt.distill, feat_s, feat_t, opt)
+    prepare_save_folder(opt.save_folder)
+
+    model_t.requires_grad_(False)
+    model_t, model_s, distiller = model_t.to(device), model_s.to(device), distiller.to(device)
+    if opt.channels_last:
+        model_t = model_t.to(memory_format=torch.channels_last)
+        model_s = model_s.to(memory_format=torch.channels_last)
+    log('==> teacher {} from {}; student {}; method {}; {} on {}'.format(
+        opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
+    if not opt.skip_validation:
+        acc, acc5, _ = validate(val_loader, model_t, opt, device)
+        log('teacher accuracy: {:.2f} (acc@5 {:.2f})'.format(acc, acc5))
+    else:
+        log('skipping teacher validation')
+
+    optimizer = optim.SGD(list(model_s.parameters()) + list(distiller.parameters()), lr=opt.learning_rate,
+                          momentum=opt.momentum, weight_decay=opt.weight_decay)
+    train_s = torch.compile(model_s) if opt.compile else model_s
+    objective = DistillObjective(train_s, model_t, distiller, opt)
+    scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
+    trainer = Trainer(opt, objective, {'model': model_s, 'distiller': distiller}, train_s, optimizer,
+                      train_loader, val_loader, device, train_sampler=train_sampler, file_prefix=opt.model_s,
+                      extra_state={'arch': opt.model_s, 'distill': opt.distill, 'teacher': opt.model_t,
+                                   'dataset': opt.dataset}, scaler=scaler)
+    if opt.resume:
+        trainer.resume(opt.resume)
+    trainer.write_parameters()
+    trainer.fit()
+
+
+if __name__ == '__main__':
+    run_main(main)
