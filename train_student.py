@@ -17,7 +17,8 @@ from helper.errors import UserError
 from helper.loops import DistillObjective, validate
 from helper.options import add_common_args, finish_common
 from helper.teacher import SPLIT, get_teacher_name, load_teacher
-from helper.trainer import Trainer, log_main, prepare_save_folder, run_main, setup_device
+from helper.distributed import launch, wrap_ddp
+from helper.trainer import Trainer, is_main, log_main, prepare_save_folder, run_main, setup_device
 
 
 def parse_option(argv=None):
@@ -77,7 +78,10 @@ def parse_option(argv=None):
 
 
 def main(argv=None):
-    opt = parse_option(argv)
+    launch(worker, parse_option(argv))
+
+
+def worker(opt):
     from dataset import NUM_CLASSES, get_dataloaders, image_size
     from distiller_zoo import DISTILLERS, build_distiller
     from models import build_model
@@ -102,7 +106,8 @@ def main(argv=None):
         feat_s, _ = model_s(probe, is_feat=True)
         feat_t, _ = model_t(probe, is_feat=True)
     distiller = build_distiller(opt.distill, feat_s, feat_t, opt)
-    prepare_save_folder(opt.save_folder)
+    if is_main(opt):
+        prepare_save_folder(opt.save_folder)
 
     model_t.requires_grad_(False)
     model_t, model_s, distiller = model_t.to(device), model_s.to(device), distiller.to(device)
@@ -119,8 +124,10 @@ def main(argv=None):
 
     optimizer = optim.SGD(list(model_s.parameters()) + list(distiller.parameters()), lr=opt.learning_rate,
                           momentum=opt.momentum, weight_decay=opt.weight_decay)
-    train_s = torch.compile(model_s) if opt.compile else model_s
-    objective = DistillObjective(train_s, model_t, distiller, opt)
+    # the frozen teacher stays unwrapped; the memory banks of CRD are per-process buffers
+    train_s = wrap_ddp(model_s, device)
+    train_s = torch.compile(train_s) if opt.compile else train_s
+    objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False), opt)
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
     trainer = Trainer(opt, objective, {'model': model_s, 'distiller': distiller}, train_s, optimizer,
                       train_loader, val_loader, device, train_sampler=train_sampler, file_prefix=opt.model_s,
@@ -128,7 +135,8 @@ def main(argv=None):
                                    'dataset': opt.dataset}, scaler=scaler)
     if opt.resume:
         trainer.resume(opt.resume)
-    trainer.write_parameters()
+    if is_main(opt):
+        trainer.write_parameters()
     trainer.fit()
 
 

@@ -14,7 +14,8 @@ import torch.optim as optim
 from helper.errors import UserError
 from helper.loops import ClassifierObjective
 from helper.options import add_common_args, finish_common
-from helper.trainer import Trainer, log_main, prepare_save_folder, run_main, setup_device
+from helper.distributed import launch, wrap_ddp
+from helper.trainer import Trainer, is_main, log_main, prepare_save_folder, run_main, setup_device
 
 
 def parse_option(argv=None):
@@ -34,21 +35,26 @@ def parse_option(argv=None):
 
 
 def main(argv=None):
-    opt = parse_option(argv)
+    launch(worker, parse_option(argv))
+
+
+def worker(opt):
     from dataset import NUM_CLASSES, get_dataloaders
     from models import build_model
 
     device = setup_device(opt)
     log = log_main(opt)
     train_loader, val_loader, train_sampler, _ = get_dataloaders(opt)
-    prepare_save_folder(opt.save_folder)
+    if is_main(opt):
+        prepare_save_folder(opt.save_folder)
 
     model = build_model(opt.model, NUM_CLASSES[opt.dataset], dataset=opt.dataset).to(device)
     if opt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = optim.SGD(model.parameters(), lr=opt.learning_rate, momentum=opt.momentum,
                           weight_decay=opt.weight_decay)
-    train_model = torch.compile(model) if opt.compile else model
+    train_model = wrap_ddp(model, device)
+    train_model = torch.compile(train_model) if opt.compile else train_model
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
     trainer = Trainer(opt, ClassifierObjective(train_model), {'model': model}, train_model, optimizer,
                       train_loader, val_loader, device, train_sampler=train_sampler, file_prefix=opt.model,
@@ -57,7 +63,8 @@ def main(argv=None):
         trainer.resume(opt.resume)
     log('==> training {} on {} ({} train images) on {}; outputs in {}'.format(
         opt.model, opt.dataset, len(train_loader.dataset), device, opt.save_folder))
-    trainer.write_parameters()
+    if is_main(opt):
+        trainer.write_parameters()
     trainer.fit()
 
 

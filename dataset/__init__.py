@@ -1,0 +1,101 @@
+"""Data sets and loaders. ``get_dataloaders(opt, data_mode)`` is the one entry the training scripts use.
+
+Train batches by ``data_mode``: ``'plain'`` (x, y); ``'instance'`` (x, y, index) for methods with a memory
+bank; ``'crd'`` (x, y, index, contrast_idx) with contrast_idx LongTensor [B, nce_k + 1], column 0 the positive.
+Validation batches are always (x, y).
+"""
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from helper.errors import UserError
+
+NUM_CLASSES = {'cifar100': 100, 'synthetic': 100, 'imagenet': 1000, 'imagenette': 10}
+DATA_MODES = ('plain', 'instance', 'crd')
+
+
+def image_size(dataset):
+    if dataset not in NUM_CLASSES:
+        raise UserError('unknown --dataset %r; choose one of %s' % (dataset, ', '.join(NUM_CLASSES)))
+    return 224 if dataset in ('imagenet', 'imagenette') else 32
+
+
+def build_datasets(opt, data_mode='plain'):
+    """-> (train_set, val_set) for ``opt.dataset``."""
+    if opt.dataset not in NUM_CLASSES:
+        raise UserError('unknown --dataset %r; choose one of %s' % (opt.dataset, ', '.join(NUM_CLASSES)))
+    if data_mode not in DATA_MODES:
+        raise ValueError('data_mode must be one of %s, got %r' % (DATA_MODES, data_mode))
+    # imported here so that a CIFAR run never imports the ImageNet code and its dependencies, and back
+    if opt.dataset == 'cifar100':
+        from dataset import cifar100
+        return cifar100.build_datasets(opt, data_mode)
+    if opt.dataset == 'synthetic':
+        from dataset import synthetic
+        return synthetic.build_datasets(opt, data_mode)
+    from dataset import imagenet
+    return imagenet.build_datasets(opt, data_mode, NUM_CLASSES[opt.dataset])
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every ``world_size``-th index from ``rank``, in order, without padding.
+
+    DistributedSampler pads the shards to equal length by repeating images, which would
+    count those images twice in a validation accuracy reduced across processes.
+    """
+
+    def __init__(self, n, world_size, rank):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def get_dataloaders(opt, data_mode='plain', drop_last=False):
+    """-> (train_loader, val_loader, train_sampler, n_data).
+
+    The training order comes from a sampler whose ``set_epoch(epoch)`` fixes the
+    permutation of that epoch from (seed, epoch) alone, so a resumed run sees exactly the
+    order an uninterrupted one would; the training loop calls it every epoch. In a
+    distributed run it is a DistributedSampler over the processes (validation uses
+    unpadded shards). ``n_data`` is the number of training samples. ``drop_last`` applies
+    to the train loader only.
+    """
+    if getattr(opt, 'dali', None):
+        return _dali_loaders(opt, data_mode, drop_last)
+    train_set, val_set = build_datasets(opt, data_mode)
+    batch_size = int(opt.batch_size)
+    num_workers = int(getattr(opt, 'num_workers', 0) or 0)
+    seed = getattr(opt, 'seed', None)
+    if seed is None:
+        # trials must differ when no seed is given; draw one from torch's (unseeded) generator
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+
+    world_size, rank = (int(opt.world_size), int(opt.rank)) if getattr(opt, 'distributed', False) else (1, 0)
+    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=int(seed))
+    val_sampler = ShardSampler(len(val_set), world_size, rank) if world_size > 1 else None
+
+    per_replica = len(train_sampler)
+    if drop_last and per_replica < batch_size:
+        # a loader with no batch would make every epoch silently empty
+        raise UserError('the training set gives %d images per process, fewer than one batch of --batch_size %d '
+                        '(this method drops incomplete batches); lower --batch_size' % (per_replica, batch_size))
+
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=num_workers > 0)
+    train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=drop_last, **common)
+    val_loader = DataLoader(val_set, shuffle=False, sampler=val_sampler, **common)
+    return train_loader, val_loader, train_sampler, len(train_set)
+
+
+def _dali_loaders(opt, data_mode, drop_last):
+    if opt.dataset not in ('imagenet', 'imagenette'):
+        raise UserError('--dali reads ImageNet-style folders; drop --dali for --dataset %s' % opt.dataset)
+    if data_mode != 'plain':
+        raise UserError('--dali cannot give the sample indices this method needs (%s batches); drop --dali'
+                        % data_mode)
+    from dataset.imagenet_dali import get_dali_dataloaders
+    train_loader, val_loader, n_data = get_dali_dataloaders(opt, drop_last=drop_last)
+    return train_loader, val_loader, None, n_data

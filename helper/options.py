@@ -48,6 +48,8 @@ def add_common_args(parser):
     g.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast mixed precision')
     g.add_argument('--channels_last', action='store_true', help='NHWC memory format for models and inputs')
     g.add_argument('--compile', action='store_true', help='torch.compile the trained model')
+    from helper.distributed import add_distributed_args
+    add_distributed_args(parser)
     return parser
 
 

@@ -14,21 +14,24 @@ from helper.util import (adjust_learning_rate, rng_state, save_checkpoint, save_
 
 
 def setup_device(opt):
-    """Pick the run's device from --gpu_id (or the CPU when there is no GPU); seed the RNGs."""
-    if opt.gpu_id is not None:
+    """The process's device (GPU ``local_rank``, or the CPU when there is none); seeds the RNGs."""
+    distributed = getattr(opt, 'distributed', False)
+    if opt.gpu_id is not None and not distributed:
         os.environ['CUDA_VISIBLE_DEVICES'] = opt.gpu_id
         ids = [i for i in opt.gpu_id.split(',') if i.strip()]
         if not torch.cuda.is_available() or torch.cuda.device_count() < len(ids):
             raise UserError('--gpu_id {} names a GPU that is not there ({} visible); drop --gpu_id to run on the '
                             'CPU or name an existing GPU'.format(opt.gpu_id, torch.cuda.device_count()
                                                                  if torch.cuda.is_available() else 0))
-        if len(ids) > 1 and not getattr(opt, 'distributed', False):
+        if len(ids) > 1:
             raise UserError('--gpu_id {} names several GPUs; add --multiprocessing-distributed to train on all of '
                             'them, or name one GPU'.format(opt.gpu_id))
-    device = torch.device('cuda', 0) if torch.cuda.is_available() else torch.device('cpu')
-    if device.type == 'cuda':
+    if torch.cuda.is_available() and getattr(opt, 'cpu_procs', 0) == 0:
+        device = torch.device('cuda', getattr(opt, 'local_rank', 0))
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not opt.deterministic
+    else:
+        device = torch.device('cpu')
     if opt.seed is not None:
         set_seed(opt.seed, opt.deterministic)
     return device

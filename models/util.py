@@ -1,0 +1,118 @@
+"""Small trainable heads that distillation methods put on top of features.
+
+Names, constructor arguments and parameter names follow RepDistiller's ``models/util.py``
+so code and state dicts written against it keep working. SemCKD's attention modules
+(``SelfA``, ``AAEmbed``) live with their method in ``distiller_zoo/SemCKD.py``.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvReg(nn.Module):
+    """FitNet's regressor: map a student feature map onto the teacher's shape.
+
+    ``s_shape``/``t_shape`` are ``(N, C, H, W)`` shapes from a probe forward pass. The layer
+    is chosen from the two heights, in this order (the reference's rules):
+
+    * student twice as tall: 3x3 convolution with stride 2;
+    * student half as tall: 4x4 transposed convolution with stride 2;
+    * student at least as tall: a "valid" convolution whose kernel absorbs the difference;
+    * otherwise: 3x3 "same" convolution, and the *teacher* map is average-pooled down to
+      the student's size instead.
+
+    then BatchNorm (and ReLU when ``use_relu``). ``forward(x, t)`` returns the regressed
+    student map and the (possibly pooled) teacher map, ready to be compared.
+    """
+
+    def __init__(self, s_shape, t_shape, use_relu=True):
+        super().__init__()
+        self.use_relu = use_relu
+        _, s_C, s_H, s_W = s_shape
+        _, t_C, t_H, t_W = t_shape
+        self.s_H = s_H
+        self.t_H = t_H
+        if s_H == 2 * t_H:
+            self.conv = nn.Conv2d(s_C, t_C, kernel_size=3, stride=2, padding=1)
+        elif 2 * s_H == t_H:
+            self.conv = nn.ConvTranspose2d(s_C, t_C, kernel_size=4, stride=2, padding=1)
+        elif s_H >= t_H:
+            self.conv = nn.Conv2d(s_C, t_C, kernel_size=(1 + s_H - t_H, 1 + s_W - t_W))
+        else:
+            self.conv = nn.Conv2d(s_C, t_C, kernel_size=3, stride=1, padding=1)
+        self.bn = nn.BatchNorm2d(t_C)
+        self.relu = nn.ReLU(inplace=True)
+        # only the last rule leaves the student smaller than the teacher
+        self.pool_teacher = not (s_H == 2 * t_H or 2 * s_H == t_H or s_H >= t_H)
+
+    def forward(self, x, t):
+        x = self.bn(self.conv(x))
+        if self.use_relu:
+            x = self.relu(x)
+        if self.pool_teacher:
+            t = F.adaptive_avg_pool2d(t, (self.s_H, self.s_H))
+        return x, t
+
+
+class Regress(nn.Module):
+    """FitNet's regressor for a feature vector: flatten, linear, ReLU."""
+
+    def __init__(self, dim_in=1024, dim_out=1024):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.linear(x.reshape(x.shape[0], -1)))
+
+
+class Embed(nn.Module):
+    """Flatten, linear projection to ``dim_out``, then L2-normalise each row."""
+
+    def __init__(self, dim_in=1024, dim_out=128):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+        self.l2norm = Normalize(2)
+
+    def forward(self, x):
+        return self.l2norm(self.linear(x.reshape(x.shape[0], -1)))
+
+
+class LinearEmbed(nn.Module):
+    """Flatten and project linearly to ``dim_out`` (no normalisation)."""
+
+    def __init__(self, dim_in=1024, dim_out=128):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        return self.linear(x.reshape(x.shape[0], -1))
+
+
+class MLPEmbed(nn.Module):
+    """Flatten, two-layer MLP (hidden width ``2 * dim_out``), then L2-normalise each row."""
+
+    def __init__(self, dim_in=1024, dim_out=128):
+        super().__init__()
+        self.linear1 = nn.Linear(dim_in, 2 * dim_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.linear2 = nn.Linear(2 * dim_out, dim_out)
+        self.l2norm = Normalize(2)
+
+    def forward(self, x):
+        x = self.relu(self.linear1(x.reshape(x.shape[0], -1)))
+        return self.l2norm(self.linear2(x))
+
+
+class Normalize(nn.Module):
+    """Divide each row by its ``power``-norm over dim 1.
+
+    No epsilon, as in the reference: an all-zero row gives NaN.
+    """
+
+    def __init__(self, power=2):
+        super().__init__()
+        self.power = power
+
+    def forward(self, x):
+        norm = x.pow(self.power).sum(1, keepdim=True).pow(1.0 / self.power)
+        return x / norm
