@@ -82,11 +82,30 @@ def main(argv=None):
 
 
 def worker(opt):
+    device = setup_device(opt)
+    trainer = build_trainer(opt, device)
+    log = log_main(opt)
+    if opt.resume:
+        trainer.resume(opt.resume)
+    # every input is checked by now: only a valid run creates or touches its folder
+    if is_main(opt):
+        prepare_save_folder(opt.save_folder)
+    if not opt.skip_validation:
+        acc, acc5, _ = validate(trainer.val_loader, trainer.objective.model_t, opt, device)
+        log('teacher accuracy: {:.2f} (acc@5 {:.2f})'.format(acc, acc5))
+    else:
+        log('skipping teacher validation')
+    if is_main(opt):
+        trainer.write_parameters()
+    trainer.fit()
+
+
+def build_trainer(opt, device):
+    """Teacher, student, method, data, optimiser: everything of a run but its loop."""
     from dataset import NUM_CLASSES, get_dataloaders, image_size
     from distiller_zoo import DISTILLERS, build_distiller
     from models import build_model
 
-    device = setup_device(opt)
     log = log_main(opt)
     n_cls = NUM_CLASSES[opt.dataset]
     method = DISTILLERS[opt.distill]
@@ -106,8 +125,6 @@ def worker(opt):
         feat_s, _ = model_s(probe, is_feat=True)
         feat_t, _ = model_t(probe, is_feat=True)
     distiller = build_distiller(opt.distill, feat_s, feat_t, opt)
-    if is_main(opt):
-        prepare_save_folder(opt.save_folder)
 
     model_t.requires_grad_(False)
     model_t, model_s, distiller = model_t.to(device), model_s.to(device), distiller.to(device)
@@ -116,12 +133,6 @@ def worker(opt):
         model_s = model_s.to(memory_format=torch.channels_last)
     log('==> teacher {} from {}; student {}; method {}; {} on {}'.format(
         opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
-    if not opt.skip_validation:
-        acc, acc5, _ = validate(val_loader, model_t, opt, device)
-        log('teacher accuracy: {:.2f} (acc@5 {:.2f})'.format(acc, acc5))
-    else:
-        log('skipping teacher validation')
-
     optimizer = optim.SGD(list(model_s.parameters()) + list(distiller.parameters()), lr=opt.learning_rate,
                           momentum=opt.momentum, weight_decay=opt.weight_decay)
     # the frozen teacher stays unwrapped; the memory banks of CRD are per-process buffers
@@ -129,15 +140,10 @@ def worker(opt):
     train_s = torch.compile(train_s) if opt.compile else train_s
     objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False), opt)
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
-    trainer = Trainer(opt, objective, {'model': model_s, 'distiller': distiller}, train_s, optimizer,
-                      train_loader, val_loader, device, train_sampler=train_sampler, file_prefix=opt.model_s,
-                      extra_state={'arch': opt.model_s, 'distill': opt.distill, 'teacher': opt.model_t,
-                                   'dataset': opt.dataset}, scaler=scaler)
-    if opt.resume:
-        trainer.resume(opt.resume)
-    if is_main(opt):
-        trainer.write_parameters()
-    trainer.fit()
+    return Trainer(opt, objective, {'model': model_s, 'distiller': distiller}, train_s, optimizer,
+                   train_loader, val_loader, device, train_sampler=train_sampler, file_prefix=opt.model_s,
+                   extra_state={'arch': opt.model_s, 'distill': opt.distill, 'teacher': opt.model_t,
+                                'dataset': opt.dataset}, scaler=scaler)
 
 
 if __name__ == '__main__':

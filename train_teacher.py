@@ -44,10 +44,7 @@ def worker(opt):
 
     device = setup_device(opt)
     log = log_main(opt)
-    train_loader, val_loader, train_sampler, _ = get_dataloaders(opt)
-    if is_main(opt):
-        prepare_save_folder(opt.save_folder)
-
+    train_loader, val_loader, train_sampler, opt.n_data = get_dataloaders(opt)
     model = build_model(opt.model, NUM_CLASSES[opt.dataset], dataset=opt.dataset).to(device)
     if opt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -61,8 +58,11 @@ def worker(opt):
                       extra_state={'arch': opt.model, 'dataset': opt.dataset}, scaler=scaler)
     if opt.resume:
         trainer.resume(opt.resume)
+    # every input is checked by now: only a valid run creates or touches its folder
+    if is_main(opt):
+        prepare_save_folder(opt.save_folder)
     log('==> training {} on {} ({} train images) on {}; outputs in {}'.format(
-        opt.model, opt.dataset, len(train_loader.dataset), device, opt.save_folder))
+        opt.model, opt.dataset, opt.n_data, device, opt.save_folder))
     if is_main(opt):
         trainer.write_parameters()
     trainer.fit()

@@ -25,13 +25,7 @@ _METHODS = {
 
 __all__ = ['DISTILLERS', 'Distiller', 'build_distiller', 'register']
 for _module_name, _exports in _METHODS.items():
-    try:
-        _module = importlib.import_module('.' + _module_name, __name__)
-    except ModuleNotFoundError as e:
-        # tolerated only while a method file is being written; never for a missing dependency
-        if e.name != __name__ + '.' + _module_name:
-            raise
-        continue
+    _module = importlib.import_module('.' + _module_name, __name__)
     for _export in _exports:
         globals()[_export] = getattr(_module, _export)
         __all__.append(_export)

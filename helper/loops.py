@@ -18,8 +18,12 @@ from helper.util import Meter, format_eta
 MAX_SKIPPED_STEPS = 20
 
 
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or infinite; the message names epoch, step and term."""
+class NonFiniteLoss(UserError):
+    """A loss term became NaN or infinite; the message names epoch, step and term.
+
+    A UserError so that the entry scripts report it in one line: the fix (a lower learning
+    rate or loss weight) is the user's to make.
+    """
 
 
 def unwrap(module):
@@ -119,6 +123,28 @@ class _NonFiniteWatch:
                                 .format(epoch, step, ', '.join(names)))
 
 
+def train_step(objective, optimizer, x, batch, opt, device, scaler=None):
+    """Forward, backward and optimiser step of one batch -> (loss, logits, terms), all on the device.
+
+    With ``--nan-policy skip`` a non-finite loss skips the update and returns Nones; knowing
+    that costs one host sync per step, so only that policy pays it.
+    """
+    with autocast(opt, device):
+        loss, logits, terms = objective(x, batch)
+    if getattr(opt, 'nan_policy', 'stop') == 'skip' and not bool(torch.isfinite(loss)):
+        optimizer.zero_grad(set_to_none=True)
+        return None, None, None
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, logits, terms
+
+
 def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, log=print, n_steps=None,
                 eta_epochs_left=0):
     """Train one epoch; returns dict(train_acc, train_acc_top5, train_loss, data_time_s, epoch_time_s, ...)."""
@@ -135,30 +161,16 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
         data_time += time.time() - end
         x, batch = to_batch(data, device)
         x = _prepare_input(x, opt)
-        with autocast(opt, device):
-            loss, logits, terms = objective(x, batch)
-
-        if opt.nan_policy == 'skip':
-            # skipping needs to know now, which costs one host sync per step
-            if not bool(torch.isfinite(loss)):
-                skipped += 1
-                if skipped > MAX_SKIPPED_STEPS:
-                    raise NonFiniteLoss('more than {} steps with a non-finite loss in epoch {} (last at step {}); '
-                                        'stopping'.format(MAX_SKIPPED_STEPS, epoch, idx))
-                optimizer.zero_grad(set_to_none=True)
-                end = time.time()
-                continue
-        else:
+        loss, logits, terms = train_step(objective, optimizer, x, batch, opt, device, scaler)
+        if loss is None:
+            skipped += 1
+            if skipped > MAX_SKIPPED_STEPS:
+                raise NonFiniteLoss('more than {} steps with a non-finite loss in epoch {} (last at step {}); '
+                                    'stopping'.format(MAX_SKIPPED_STEPS, epoch, idx))
+            end = time.time()
+            continue
+        if opt.nan_policy != 'skip':
             watch.update(idx, terms)
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
         meter.update(loss, logits, batch['target'])
 
         if (idx + 1) % opt.print_freq == 0 or idx + 1 == n_steps:

@@ -41,6 +41,10 @@ def add_common_args(parser):
                    choices=['cifar100', 'imagenet', 'imagenette', 'synthetic'],
                    help='synthetic: a CIFAR-shaped learnable set generated on the fly (no download)')
     g.add_argument('--data_folder', type=str, default='./data', help='where the data set lives')
+    g.add_argument('--gpu_loader', action='store_true',
+                   help='CIFAR/synthetic: keep the training set on the device and augment there (no workers)')
+    g.add_argument('--dali', type=str, choices=['cpu', 'gpu'], default=None,
+                   help='ImageNet: decode and augment with NVIDIA DALI (pip install nvidia-dali-cuda120 or -cuda130)')
     g.add_argument('--synthetic_train_size', type=int, default=5000, help=argparse.SUPPRESS)
     g.add_argument('--synthetic_val_size', type=int, default=1000, help=argparse.SUPPRESS)
 

@@ -57,3 +57,50 @@ def test_teacher_checkpoint_reloads_and_reproduces_its_accuracy(teacher):
     best = json.loads((folder / 'test_best_metrics.json').read_text())
     assert acc == pytest.approx(best['test_acc'], abs=1e-6)
     assert ckpt['epoch'] == best['epoch']
+
+
+TINY = ['--dataset', 'synthetic', '--synthetic_train_size', '96', '--synthetic_val_size', '64',
+        '--batch_size', '32', '--num_workers', '0', '--print-freq', '2', '--epochs', '1', '--nce_k', '32',
+        '--skip-validation']
+METHOD_BETA = {'kd': 0, 'hint': 100, 'attention': 1000, 'similarity': 3000, 'correlation': 0.02, 'vid': 1,
+               'rkd': 1, 'pkt': 30000, 'crd': 0.8, 'irg': 0.005, 'hkd': 1, 'semckd': 400}
+
+
+def student_folder(cwd, model_s, model_t, distill, beta, trial='0'):
+    return cwd / 'save' / 'student_model' / 'S:{}_T:{}_synthetic_{}_r:1.0_a:1.0_b:{}_{}'.format(
+        model_s, model_t, distill, float(beta), trial)
+
+
+def test_every_method_is_registered():
+    from distiller_zoo import DISTILLERS
+    assert set(DISTILLERS) == set(METHOD_BETA)
+
+
+@pytest.mark.parametrize('distill', sorted(METHOD_BETA))
+def test_student_run_for_every_method(teacher, run, distill):
+    cwd, folder, _ = teacher
+    beta = METHOD_BETA[distill]
+    run('train_student.py', ['--path-t', folder / 'resnet8_best.pth', '--model_s', 'wrn_16_1', '--distill', distill,
+                             '-r', '1', '-a', '1', '-b', beta] + TINY, cwd)
+    out = student_folder(cwd, 'wrn_16_1', 'resnet8', distill, beta)
+    metrics = read_metrics(out)
+    assert [m['epoch'] for m in metrics] == [1]
+    assert all(torch.isfinite(torch.tensor(m['train_loss'])) for m in metrics)
+    ckpt = torch.load(out / 'wrn_16_1_best.pth', map_location='cpu', weights_only=False)
+    from models import model_dict
+    model_dict['wrn_16_1'](num_classes=100).load_state_dict(ckpt['model'], strict=True)
+    assert 'distiller' in ckpt
+    last = torch.load(out / 'wrn_16_1_last.pth', map_location='cpu', weights_only=False)
+    assert {'optimizer', 'rng', 'distiller', 'epoch', 'best_acc'} <= set(last)
+
+
+def test_hkd_two_pass_recipe(teacher, run):
+    """pkt into an intermediate student, then hkd from that student's run folder (teacher parsed from S:...)."""
+    cwd, folder, _ = teacher
+    run('train_student.py', ['--path-t', folder / 'resnet8_best.pth', '--model_s', 'resnet8x4', '--distill',
+                             'pkt', '-b', '30000', '--trial', 'p1'] + TINY, cwd)
+    first = student_folder(cwd, 'resnet8x4', 'resnet8', 'pkt', 30000, 'p1')
+    proc = run('train_student.py', ['--path-t', first / 'resnet8x4_best.pth', '--model_s', 'resnet8',
+                                    '--distill', 'hkd', '-b', '1', '--trial', 'p2'] + TINY, cwd)
+    assert 'teacher resnet8x4' in proc.stdout
+    assert (student_folder(cwd, 'resnet8', 'resnet8x4', 'hkd', 1, 'p2') / 'resnet8_best.pth').is_file()
