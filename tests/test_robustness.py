@@ -198,24 +198,27 @@ def test_interrupted_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch)
 
 
 def test_sigkill_during_large_checkpoint_writes(tmp_path):
-    """Kill a writer process at random moments while it rewrites a large checkpoint: it always loads."""
+    """Kill a writer process at many moments while it rewrites a large checkpoint: the file always loads."""
     path = tmp_path / 'big.pth'
     code = ('import sys, torch; sys.path.insert(0, {!r}); from helper.util import save_checkpoint\n'
             'i = 0\n'
             'while True:\n'
             '    i += 1\n'
-            '    save_checkpoint({{"w": torch.full((4_000_000,), float(i)), "i": i}}, {!r})\n').format(REPO, str(path))
-    seen = set()
-    for delay in (0.6, 0.9, 1.3, 1.7, 2.2, 2.8):
-        proc = subprocess.Popen([sys.executable, '-c', code])
+            '    save_checkpoint({{"w": torch.full((4_000_000,), float(i)), "i": i}}, {!r})\n'
+            '    if i == 1:\n'
+            '        print("first", flush=True)\n').format(REPO, str(path))
+    seen = []
+    for delay in (0.0, 0.03, 0.07, 0.11, 0.17, 0.23, 0.31, 0.43):
+        proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b'first'
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if path.exists():
-            ckpt = torch.load(path, weights_only=False)
-            assert torch.all(ckpt['w'] == float(ckpt['i']))
-            seen.add(ckpt['i'])
-    assert seen  # at least one complete file was written and survived the kills
+        ckpt = torch.load(path, weights_only=False)
+        assert torch.all(ckpt['w'] == float(ckpt['i']))
+        seen.append(ckpt['i'])
+        assert [p.name for p in tmp_path.iterdir() if not p.name.startswith('.')] == ['big.pth']
+    assert max(seen) > 1  # kills did land while later versions were being written
 
 
 def test_nan_loss_stops_with_epoch_step_and_term_and_keeps_last_checkpoint(workspace, tmp_path):
