@@ -76,15 +76,18 @@ class ContrastMemory(nn.Module):
         with torch.autocast(device_type=v1.device.type, enabled=False):
             v1 = v1.to(self.memory_v1.dtype)
             v2 = v2.to(self.memory_v1.dtype)
+            # under DDP every process applies the update of the whole global batch, so the
+            # banks stay identical across processes (as with one process and the same batch)
+            all_v1, all_v2, all_y = _gather_from_processes(v1.detach(), v2.detach(), y)
             if self.dense_scores:
-                old_v1, old_v2 = self._update(v1, v2, y)
-                hit, pos = self._updated_positions(y, idx)
+                old_v1, old_v2 = self._update(all_v1, all_v2, all_y)
+                hit, pos = self._updated_positions(all_y, idx)
                 out_v2 = self._dense_scores(v2, self.memory_v1, old_v1, idx, hit, pos)
                 out_v1 = self._dense_scores(v1, self.memory_v2, old_v2, idx, hit, pos)
             else:
                 out_v2 = self._gathered_scores(v2, self.memory_v1, idx)
                 out_v1 = self._gathered_scores(v1, self.memory_v2, idx)
-                self._update(v1, v2, y)
+                self._update(all_v1, all_v2, all_y)
             out_v1 = torch.exp(out_v1 / self.T)
             out_v2 = torch.exp(out_v2 / self.T)
             # clones: the buffers are rewritten in place by the next step
@@ -131,5 +134,28 @@ class ContrastMemory(nn.Module):
 
     @torch.no_grad()
     def _fix_constant(self, Z, out):
-        Z.copy_(torch.where(Z < 0, out.mean() * self.nLem, Z))
+        mean = out.mean()
+        if _world_size() > 1:  # one constant for all processes: the mean over the global batch
+            mean = mean.clone()
+            torch.distributed.all_reduce(mean)
+            mean /= _world_size()
+        Z.copy_(torch.where(Z < 0, mean * self.nLem, Z))
         return Z.clone()
+
+
+def _world_size():
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather_from_processes(*tensors):
+    """Concatenate each tensor over the processes of a DDP run (itself when there is one process)."""
+    world = _world_size()
+    if world == 1:
+        return tensors
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return tuple(out)

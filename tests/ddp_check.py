@@ -33,9 +33,14 @@ def worker(opt):
     mine = torch.cat([flat(student), flat(trainer.modules['distiller'])])
     gathered = [torch.zeros_like(mine) for _ in range(opt.world_size)]
     dist.all_gather(gathered, mine)
-    acc1, acc5, loss = validate(trainer.val_loader, student, opt, device)
+    # through the DDP wrapper, as the trainer does: its first forward hands rank 0's BN statistics to all
+    acc1, acc5, loss = validate(trainer.val_loader, trainer.eval_model, opt, device)
+    buffers = torch.cat([b.reshape(-1).float() for name, b in unwrap(trainer.modules['distiller']).named_buffers()
+                         if 'memory' in name or name.endswith('Z_v1') or name.endswith('Z_v2')] + [torch.zeros(0)])
+    all_buffers = [torch.zeros_like(buffers) for _ in range(opt.world_size)]
+    dist.all_gather(all_buffers, buffers)
     if opt.rank == 0:
-        torch.save({'student': unwrap(student).state_dict(), 'replicas': gathered, 'acc': (acc1, acc5, loss),
+        torch.save({'buffers': all_buffers, 'student': unwrap(student).state_dict(), 'replicas': gathered, 'acc': (acc1, acc5, loss),
                     'world_size': opt.world_size, 'batch_size': opt.batch_size},
                    os.path.join(out, 'ddp_check.pth'))
 

@@ -47,15 +47,19 @@ def test_distilled_run_finishes_and_only_rank0_writes(teacher, style, tmp_path):
         'ckpt_epoch_2.pth', 'wrn_16_1_best.pth', 'wrn_16_1_last.pth']
 
 
-def test_replicas_identical_after_a_step_and_reduced_accuracy_is_exact(teacher, tmp_path):
+@pytest.mark.parametrize('distill', ['semckd', 'crd'])
+def test_replicas_identical_after_a_step_and_reduced_accuracy_is_exact(teacher, tmp_path, distill):
     cwd, path_t = teacher
-    args = ['--path-t', path_t, '--model_s', 'wrn_16_1', '--distill', 'semckd', '-b', '400', '--seed', '3',
-            '--skip-validation'] + SMALL
+    args = ['--path-t', path_t, '--model_s', 'wrn_16_1', '--distill', distill, '-b', '1', '--seed', '3',
+            '--nce_k', '16', '--skip-validation'] + SMALL
     run_script('-m', ['torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533',
                       os.path.join(REPO, 'tests', 'ddp_check.py'), tmp_path] + args, cwd)
     result = torch.load(tmp_path / 'ddp_check.pth', weights_only=False)
     a, b = result['replicas']
-    assert a.numel() > 100_000 and torch.equal(a, b)  # student and SemCKD modules, bit for bit
+    assert a.numel() > 100_000 and torch.equal(a, b)  # student and the method's modules, bit for bit
+    if distill == 'crd':  # memory banks and constants updated with the global batch on every process
+        bank_a, bank_b = result['buffers']
+        assert bank_a.numel() > 1000 and torch.equal(bank_a, bank_b)
     # the accuracy reduced over two unequal shards (25 + 25 images, batches 16+9) equals one process's
     from dataset import get_dataloaders
     from helper.loops import validate
