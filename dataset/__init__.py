@@ -62,7 +62,14 @@ def get_dataloaders(opt, data_mode='plain', drop_last=False):
     distributed run it is a DistributedSampler over the processes (validation uses
     unpadded shards). ``n_data`` is the number of training samples. ``drop_last`` applies
     to the train loader only.
+
+    With ``--gpu_loader`` (CIFAR-100, synthetic) the training set lives on the device and the
+    train loader, which is also the ``train_sampler``, augments whole batches there
+    (``dataset/gpu_loader.py``).
     """
+    if getattr(opt, 'gpu_loader', False):
+        from dataset.gpu_loader import get_gpu_dataloaders
+        return get_gpu_dataloaders(opt, data_mode, drop_last)
     if getattr(opt, 'dali', None):
         return _dali_loaders(opt, data_mode, drop_last)
     train_set, val_set = build_datasets(opt, data_mode)

@@ -9,7 +9,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_script(script, args, cwd, timeout=600, check=True):
     """Run one of the repo's entry scripts through the real command line."""
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='2')
+    # one thread: two threads spin-wait for each other when another process holds a core
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
     target = [script] if script.startswith('-') else [os.path.join(REPO, script)]  # '-m' runs a module
     proc = subprocess.run([sys.executable] + target + [str(a) for a in args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=timeout)
