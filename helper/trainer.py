@@ -120,6 +120,7 @@ class Trainer:
     def _full_state(self, epoch, acc):
         state = self._lean_state(epoch, acc)
         state.update(optimizer=self.optimizer.state_dict(), best_epoch=self.best_epoch, rng=rng_state(),
+                     data_seed=getattr(self.train_sampler, 'seed', None),
                      scaler=self.scaler.state_dict() if self.scaler is not None else None,
                      opt=_jsonable(vars(self.opt)))
         return state
@@ -145,6 +146,9 @@ class Trainer:
         if self.scaler is not None and ckpt.get('scaler'):
             self.scaler.load_state_dict(ckpt['scaler'])
         set_rng_state(ckpt['rng'])
+        if ckpt.get('data_seed') is not None and hasattr(self.train_sampler, 'seed'):
+            # the epoch order follows (seed, epoch): keep the run's seed even when none was given
+            self.train_sampler.seed = ckpt['data_seed']
         self.start_epoch = ckpt['epoch'] + 1
         self.best_acc, self.best_epoch = ckpt['best_acc'], ckpt.get('best_epoch', 0)
         self.log('==> resumed from {} (epoch {}, best acc {:.2f})'.format(path, ckpt['epoch'], self.best_acc))

@@ -92,6 +92,7 @@ def test_student_run_for_every_method(teacher, run, distill):
     assert 'distiller' in ckpt
     last = torch.load(out / 'wrn_16_1_last.pth', map_location='cpu', weights_only=False)
     assert {'optimizer', 'rng', 'distiller', 'epoch', 'best_acc'} <= set(last)
+    assert isinstance(last['data_seed'], int)  # a resumed run keeps the epoch order of an unseeded run
 
 
 def test_hkd_two_pass_recipe(teacher, run):
