@@ -140,8 +140,16 @@ class Trainer:
             if ckpt.get(key) != value:
                 raise UserError("--resume '{}' belongs to a run with {}={!r}, not {!r}; resume the matching run"
                                 .format(path, key, ckpt.get(key), value))
+        saved_batch = ckpt.get('opt', {}).get('batch_size')
         for key, module in self.modules.items():
-            load_state_strict(unwrap(module), ckpt[key], path, 'resume checkpoint')
+            try:
+                load_state_strict(unwrap(module), ckpt[key], path, 'resume checkpoint')
+            except UserError as e:
+                if saved_batch is None or saved_batch == self.opt.batch_size:
+                    raise
+                # SemCKD's attention layers are as wide as the batch they were built for
+                raise UserError('{}; it was trained with a per-process batch size of {}, this run uses {}: resume '
+                                'with the same --batch_size'.format(e, saved_batch, self.opt.batch_size)) from None
         self.optimizer.load_state_dict(ckpt['optimizer'])
         if self.scaler is not None and ckpt.get('scaler'):
             self.scaler.load_state_dict(ckpt['scaler'])

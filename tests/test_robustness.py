@@ -234,3 +234,19 @@ def test_nan_loss_stops_with_epoch_step_and_term_and_keeps_last_checkpoint(works
     assert len(err) == 1 and 'non-finite' in err[0] and 'epoch 2' in err[0] and 'step' in err[0], proc.stderr
     assert 'term:' in err[0]
     assert (folder / 'resnet8_last.pth').read_bytes() == good
+
+
+def test_semckd_resume_with_another_batch_size_fails_clearly(workspace, tmp_path):
+    _, teacher = workspace
+    args = ['--path-t', teacher, '--model_s', 'resnet8', '--distill', 'semckd', '-b', '400', '--epochs', '1',
+            '--skip-validation'] + SMALL
+    run_script('train_student.py', args, tmp_path)
+    folder = tmp_path / 'save' / 'student_model' / 'S:resnet8_T:resnet8_synthetic_semckd_r:1.0_a:1.0_b:400.0_0'
+    before = tree_state(folder)
+    resumed = args + ['--resume', str(folder / 'resnet8_last.pth')]
+    resumed[resumed.index('--batch_size') + 1] = '16'
+    proc = run_script('train_student.py', resumed, tmp_path, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert 'batch size of 32' in err[0] and 'uses 16' in err[0]
+    assert tree_state(folder) == before
