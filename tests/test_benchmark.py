@@ -4,7 +4,8 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, script_env
+
 FIELDS = ['method', 'model_t', 'model_s', 'batch_size', 'dataset', 'amp', 'channels_last', 'compile', 'gpu_loader',
           'num_workers', 'warmup', 'steps', 'ms_per_step_median', 'ms_per_step_min', 'ms_per_step_max',
           'ms_per_step_p25', 'ms_per_step_p75', 'images_per_s', 'data_ms_median', 'data_share', 'flops_per_step',
@@ -15,8 +16,7 @@ TINY = ['--model_t', 'resnet8', '--model_s', 'resnet8', '--batch_size', '8', '--
 
 
 def bench(args, cwd):
-    # one OpenMP thread: two spin-wait for each other on two cores shared with other processes
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    env = script_env()
     return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py')] + args, cwd=str(cwd),
                           env=env, capture_output=True, text=True, timeout=300)
 

@@ -16,9 +16,8 @@ import dataset
 from dataset import cifar100, synthetic
 from dataset.gpu_loader import GPULoader, epoch_indices
 from fake_data import write_fake_cifar100
+from conftest import REPO, script_env
 from helper.errors import UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_TRAIN = 200  # fake CIFAR: 100 classes, two images each, random pixels (so every image and shift is distinct)
 
@@ -249,8 +248,7 @@ def test_training_with_the_gpu_loader_learns_like_the_standard_loader(tmp_path):
     for name, extra in (('standard', []), ('gpu', ['--gpu_loader'])):
         cwd = tmp_path / name
         cwd.mkdir()
-        # conftest's run_script, with one OpenMP thread (see one_thread)
-        env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+        env = script_env()
         proc = subprocess.run([sys.executable, os.path.join(REPO, 'train_teacher.py')] + args + extra, cwd=str(cwd),
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

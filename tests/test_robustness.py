@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, run_script, script_env
 
 SMALL = ['--dataset', 'synthetic', '--synthetic_train_size', '96', '--synthetic_val_size', '64',
          '--batch_size', '32', '--num_workers', '0', '--print-freq', '1']
@@ -109,8 +109,8 @@ def test_bad_input_one_line_nonzero_exit_nothing_touched(workspace):
     cases = bad_inputs(cwd, teacher)
     before = tree_state(cwd / 'save')
     # no network for the download case: every connection goes to a closed local port
-    env = dict(os.environ, PYTHONPATH=REPO, http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9',
-               HTTP_PROXY='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9')
+    env = script_env(http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9',
+                     HTTP_PROXY='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9')
     messages = {}
     for name, script, args, words in cases:
         proc = subprocess.run([sys.executable, os.path.join(REPO, script)] + [str(a) for a in args], cwd=cwd,
@@ -127,7 +127,8 @@ def test_bad_input_one_line_nonzero_exit_nothing_touched(workspace):
 
 def run_until_killed(args, cwd, watch_file):
     """Start a run and SIGKILL it as soon as ``watch_file`` appears (the end of its first epoch)."""
-    env = dict(os.environ, PYTHONPATH=REPO)
+    # the same environment as run_script, or the compared runs differ in their last bits
+    env = script_env()
     proc = subprocess.Popen([sys.executable] + [str(a) for a in args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
