@@ -190,22 +190,25 @@ def _loader(dali, folder, train, opt, device_id, drop_last):
 def get_dali_dataloaders(opt, drop_last=False):
     """-> (train_loader, val_loader, n_data) for ``opt.dali`` in ('cpu', 'gpu').
 
-    Reads ``opt.data_folder`` (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``), ``batch_size`` (per
+    Reads ``opt.data_folder`` (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``, there or in
+    ``<data_folder>/<dataset>/`` as for the torchvision loaders), ``batch_size`` (per
     process), ``num_workers`` (DALI threads), ``dali``, ``seed`` (None: random), ``rank`` and ``world_size``
     (one shard of the data per process). ``n_data`` is the number of training images (all shards).
     ``drop_last`` drops the short last training batch (SemCKD needs full batches).
     """
     if opt.dali not in ('cpu', 'gpu'):
         raise UserError("--dali must be 'cpu' or 'gpu', got {!r}".format(opt.dali))
-    train_folder = os.path.join(opt.data_folder, 'train')
-    val_folder = os.path.join(opt.data_folder, 'val')
+    from dataset.imagenet import find_root
+    root = find_root(opt.data_folder, getattr(opt, 'dataset', 'imagenet'))
+    train_folder = os.path.join(root, 'train')
+    val_folder = os.path.join(root, 'val')
     train_classes = _class_folders(train_folder)
     val_classes = _class_folders(val_folder)
     if train_classes != val_classes:
         # labels are folder positions, so a folder missing on one side would shift every later label
         missing = sorted(set(train_classes).symmetric_difference(val_classes))
         raise UserError('train and val class folders differ in {} (e.g. {}); both need the same classes'.format(
-            opt.data_folder, ', '.join(missing[:3])))
+            root, ', '.join(missing[:3])))
     dali = _import_dali()
     device_id = None  # CPU-only pipelines take no device
     if opt.dali == 'gpu':

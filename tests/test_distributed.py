@@ -74,3 +74,50 @@ def test_replicas_identical_after_a_step_and_reduced_accuracy_is_exact(teacher, 
     acc1, acc5, loss = result['acc']
     assert (acc1, acc5) == pytest.approx(single[:2], abs=1e-9) and acc5 > 0
     assert loss == pytest.approx(single[2], rel=1e-5)  # float32 sums in another order
+
+
+@pytest.fixture(scope='module')
+def imagenet_run(tmp_path_factory):
+    """A tiny ImageFolder and the reference's ImageNet teacher file: torchvision's ResNet34 (untrained
+    here) turned into ``ResNet34_vanilla/resnet34_transformed.pth`` by scripts/model_transform.py."""
+    pytest.importorskip('nvidia.dali')
+    import torchvision
+    from fake_data import write_fake_imagefolder
+    cwd = tmp_path_factory.mktemp('imagenet_ddp')
+    write_fake_imagefolder(cwd / 'imagenet', classes=4, per_class=4, size=(64, 48))
+    src = cwd / 'resnet34-333f7ec4.pth'
+    torch.save(torchvision.models.resnet34().state_dict(), src)
+    teacher = cwd / 'save' / 'models' / 'ResNet34_vanilla' / 'resnet34_transformed.pth'
+    run_script(os.path.join('scripts', 'model_transform.py'),
+               ['--model', 'ResNet34', '--src', src, '--dst', teacher], cwd)
+    return cwd, teacher
+
+
+@pytest.mark.parametrize('style', ['spawn', 'torchrun'])
+def test_reference_imagenet_command_scaled_to_two_cpu_processes(imagenet_run, style):
+    """The README's 8-GPU SemCKD ResNet34 -> ResNet18 command, with 2 gloo processes instead of 8 GPUs, a
+    16-image ImageFolder and ``--dali cpu``; every other flag as the reference gives it."""
+    cwd, teacher = imagenet_run
+    args = ['--path-t', teacher, '--batch_size', '8', '--epochs', '1', '--dataset', 'imagenet',
+            '--data_folder', cwd, '--print-freq', '1', '--num_workers', '2', '--distill', 'semckd',
+            '--model_s', 'ResNet18', '-r', '1', '-a', '1', '-b', '50', '--trial', style, '--learning_rate', '0.1',
+            '--lr_decay_epochs', '30,60', '--weight_decay', '1e-4', '--dali', 'cpu']
+    if style == 'spawn':
+        proc = run_script('train_student.py', args + ['--multiprocessing-distributed', '--cpu_procs', '2',
+                                                      '--dist-url', 'tcp://127.0.0.1:29534'], cwd)
+    else:
+        proc = run_script('-m', ['torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29535',
+                                 os.path.join(REPO, 'train_student.py')] + args, cwd)
+    assert 'teacher accuracy' in proc.stdout  # the reference validates the teacher first
+    out = cwd / 'save' / 'student_model' / 'S:ResNet18_T:ResNet34_imagenet_semckd_r:1.0_a:1.0_b:50.0_{}'.format(
+        style)
+    params = json.loads((out / 'parameters.json').read_text())
+    assert params['world_size'] == 2 and params['batch_size'] == 4 and params['dali'] == 'cpu'
+    # 16 images, 8 per process, 4 per step: both processes take two steps
+    assert 'Epoch [1][2/2]' in proc.stdout and 'Epoch [1][3/' not in proc.stdout
+    (metrics,) = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+    best = torch.load(out / 'ResNet18_best.pth', weights_only=False)
+    assert best['epoch'] == 1 and best['accuracy'] == metrics['test_acc']
+    from models import model_dict
+    model_dict['ResNet18'](num_classes=1000).load_state_dict(best['model'], strict=True)
+    assert any(k.startswith('self_attention.regressor3_3') for k in best['distiller'])
