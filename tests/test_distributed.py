@@ -20,6 +20,16 @@ def teacher(tmp_path_factory):
     return cwd, cwd / 'save' / 'models' / 'resnet8_synthetic_lr_0.05_decay_0.0005_trial_0' / 'resnet8_best.pth'
 
 
+def run_student_on_two_processes(style, args, cwd, port):
+    """train_student.py on 2 gloo processes: spawned by the script itself (the reference's
+    ``--multiprocessing-distributed``, here with ``--cpu_procs``) or by torchrun."""
+    if style == 'spawn':
+        return run_script('train_student.py', args + ['--multiprocessing-distributed', '--cpu_procs', '2',
+                                                      '--dist-url', 'tcp://127.0.0.1:{}'.format(port)], cwd)
+    return run_script('-m', ['torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port + 1),
+                             os.path.join(REPO, 'train_student.py')] + args, cwd)
+
+
 def student_folder(cwd, distill, beta, trial):
     return cwd / 'save' / 'student_model' / 'S:wrn_16_1_T:resnet8_synthetic_{}_r:1.0_a:1.0_b:{}_{}'.format(
         distill, float(beta), trial)
@@ -30,12 +40,7 @@ def test_distilled_run_finishes_and_only_rank0_writes(teacher, style, tmp_path):
     cwd, path_t = teacher
     args = ['--path-t', path_t, '--model_s', 'wrn_16_1', '--distill', 'crd', '-b', '0.8', '--epochs', '2',
             '--nce_k', '16', '--trial', style] + SMALL
-    if style == 'spawn':
-        proc = run_script('train_student.py', args + ['--multiprocessing-distributed', '--cpu_procs', '2',
-                                                      '--dist-url', 'tcp://127.0.0.1:29531'], cwd)
-    else:
-        proc = run_script('-m', ['torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29532',
-                                 os.path.join(REPO, 'train_student.py')] + args, cwd)
+    proc = run_student_on_two_processes(style, args, cwd, port=29531)
     out = student_folder(cwd, 'crd', 0.8, style)
     metrics = [json.loads(line) for line in open(out / 'metrics.jsonl')]
     assert [m['epoch'] for m in metrics] == [1, 2]  # one writer: no duplicated epoch lines
@@ -102,12 +107,7 @@ def test_reference_imagenet_command_scaled_to_two_cpu_processes(imagenet_run, st
             '--data_folder', cwd, '--print-freq', '1', '--num_workers', '2', '--distill', 'semckd',
             '--model_s', 'ResNet18', '-r', '1', '-a', '1', '-b', '50', '--trial', style, '--learning_rate', '0.1',
             '--lr_decay_epochs', '30,60', '--weight_decay', '1e-4', '--dali', 'cpu']
-    if style == 'spawn':
-        proc = run_script('train_student.py', args + ['--multiprocessing-distributed', '--cpu_procs', '2',
-                                                      '--dist-url', 'tcp://127.0.0.1:29534'], cwd)
-    else:
-        proc = run_script('-m', ['torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29535',
-                                 os.path.join(REPO, 'train_student.py')] + args, cwd)
+    proc = run_student_on_two_processes(style, args, cwd, port=29534)
     assert 'teacher accuracy' in proc.stdout  # the reference validates the teacher first
     out = cwd / 'save' / 'student_model' / 'S:ResNet18_T:ResNet34_imagenet_semckd_r:1.0_a:1.0_b:50.0_{}'.format(
         style)
