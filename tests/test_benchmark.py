@@ -1,10 +1,8 @@
 """scripts/benchmark.py through its command line, on tiny configurations."""
 import json
 import os
-import subprocess
-import sys
 
-from conftest import REPO, script_env
+from conftest import run_script
 
 FIELDS = ['method', 'model_t', 'model_s', 'batch_size', 'dataset', 'amp', 'channels_last', 'compile', 'gpu_loader',
           'num_workers', 'warmup', 'steps', 'ms_per_step_median', 'ms_per_step_min', 'ms_per_step_max',
@@ -16,9 +14,7 @@ TINY = ['--model_t', 'resnet8', '--model_s', 'resnet8', '--batch_size', '8', '--
 
 
 def bench(args, cwd):
-    env = script_env()
-    return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py')] + args, cwd=str(cwd),
-                          env=env, capture_output=True, text=True, timeout=300)
+    return run_script(os.path.join('scripts', 'benchmark.py'), args, cwd, timeout=300, check=False)
 
 
 def check_row(row, batch_size):

@@ -4,8 +4,6 @@ import glob
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import dataset
 from dataset import cifar100, synthetic
 from dataset.gpu_loader import GPULoader, epoch_indices
 from fake_data import write_fake_cifar100
-from conftest import REPO, script_env
+from conftest import run_script
 from helper.errors import UserError
 
 N_TRAIN = 200  # fake CIFAR: 100 classes, two images each, random pixels (so every image and shift is distinct)
@@ -248,10 +246,7 @@ def test_training_with_the_gpu_loader_learns_like_the_standard_loader(tmp_path):
     for name, extra in (('standard', []), ('gpu', ['--gpu_loader'])):
         cwd = tmp_path / name
         cwd.mkdir()
-        env = script_env()
-        proc = subprocess.run([sys.executable, os.path.join(REPO, 'train_teacher.py')] + args + extra, cwd=str(cwd),
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        run_script('train_teacher.py', args + extra, cwd)
         accs[name] = _final_test_acc(cwd)
     # chance is 1%; 4% of 256 images is 5 standard deviations above it
     assert accs['standard'] > 4 and accs['gpu'] > 4, accs
