@@ -37,9 +37,10 @@ Where the code differs from what one would read off the paper or the README (we 
 
 Per-pair values: the configs carry no LS values; the logs are named
 ``KD_TYPE,TEACHER,STUDENT,BASE_TEMPERATURE,KD_WEIGHT[,BETA].txt`` (README), and those names are the tables
-below. A DKD log without a BETA field ran the config's beta (DKD.py's table). Accuracies the README reports
-for resnet32x4 -> resnet8x4: KD+LS 76.62, CTKD+LS 76.67, DKD+LS 77.01, MLKD+LS 78.28 (the MLKD+LS log ran 480
-epochs, see MLKD.py).
+below. A DKD log without a BETA field presumably ran the config's beta (DKD.py's table: 8 for both such
+pairs). LS's own MLKD configs (``configs/cifar100/mlkd/``) run 480 epochs (960 for the ShuffleNet students),
+and the MLKD+LS logs have 480 epochs; see MLKD.py for the epochs question. Accuracies the README reports for
+resnet32x4 -> resnet8x4: KD+LS 76.62, CTKD+LS 76.67, DKD+LS 77.01, MLKD+LS 78.28.
 """
 import torch.nn.functional as F
 
