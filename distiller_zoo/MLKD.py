@@ -125,11 +125,13 @@ def mlkd_loss(logits_student_weak, logits_teacher_weak, logits_student_strong, l
     CE (both views) is not included.
     """
     sample_mask, class_mask = confidence_masks(logits_teacher_weak)
+    # the reference multiplies batch-mean losses by the masks and averages: only the kept fraction matters
     sample_fraction = sample_mask.to(logits_student_weak.dtype).mean()
     class_fraction = class_mask.to(logits_student_weak.dtype).mean()
     temps = temperatures(temperature)
 
     kd_weak = sum(kd_loss(logits_student_weak, logits_teacher_weak, t, logit_stand=logit_stand) for t in temps)
+    # as in the reference, the "strong" term reads the weak view at its last two temperatures (2 and 6)
     kd_strong = (sum(kd_loss(logits_student_strong, logits_teacher_strong, t, logit_stand=logit_stand)
                      for t in temps[:3])
                  + sum(kd_loss(logits_student_weak, logits_teacher_weak, t, logit_stand=logit_stand)
