@@ -1,11 +1,86 @@
-"""Small trainable heads that distillation methods put on top of features.
+"""Small trainable heads that distillation methods put on top of features, and accessors.
 
 Names, constructor arguments and parameter names follow RepDistiller's ``models/util.py``
 so code and state dicts written against it keep working. SemCKD's attention modules
 (``SelfA``, ``AAEmbed``) live with their method in ``distiller_zoo/SemCKD.py``.
+
+The accessors (``get_classifier``, ``get_global_pool``, ``PoolInput``) give methods that
+reuse a network's classifier (CAT-KD, SimKD) the layers and the map they need without
+changing any model's ``forward``.
 """
 import torch.nn as nn
 import torch.nn.functional as F
+
+from helper.errors import UserError
+
+# attribute holding the classifier, per family (a Sequential's last Linear counts):
+# resnet, wrn, resnet_imagenet, ShuffleV2_Imagenet: fc; resnetv2 (CIFAR ResNet50),
+# ShuffleV1, ShuffleV2: linear; vgg: classifier; mobilenetv2: classifier.0
+CLASSIFIER_NAMES = ('fc', 'linear', 'classifier')
+
+# attribute holding the global average pooling whose input is the last feature map
+GLOBAL_POOL_NAMES = ('avgpool', 'pool4')
+
+
+def _unwrap(model):
+    # DistributedDataParallel keeps the network in .module
+    return getattr(model, 'module', model)
+
+
+def get_classifier(model):
+    """The final ``nn.Linear`` of a zoo network: the layer that maps ``feats[-1]`` to logits.
+
+    RepDistiller's and SimKD's ``get_feat_modules()[-1]``; ours leave the classifier out
+    of ``get_feat_modules``, hence this accessor.
+    """
+    model = _unwrap(model)
+    for name in CLASSIFIER_NAMES:
+        layer = getattr(model, name, None)
+        if isinstance(layer, nn.Linear):
+            return layer
+        if isinstance(layer, nn.Sequential):
+            linears = [m for m in layer if isinstance(m, nn.Linear)]
+            if linears:
+                return linears[-1]
+    raise UserError('{} has no classifier named {}'.format(type(model).__name__, ' / '.join(CLASSIFIER_NAMES)))
+
+
+def get_global_pool(model):
+    """The module that averages the last feature map to the vector the classifier reads.
+
+    Only networks that pool globally through a module qualify (every CIFAR family and the
+    ImageNet ResNets); a network that pools with a function or to more than 1x1 raises
+    ``UserError``.
+    """
+    model = _unwrap(model)
+    for name in GLOBAL_POOL_NAMES:
+        pool = getattr(model, name, None)
+        if isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1)):
+            return pool
+    raise UserError('{} has no global average pooling module ({}), which this method needs'.format(
+        type(model).__name__, ' / '.join(GLOBAL_POOL_NAMES)))
+
+
+class PoolInput:
+    """Keeps the input of a network's global pooling from its latest forward pass.
+
+    That map is the last feature map as the classifier sees it before pooling: for most
+    families ``feats[-2]``, but for WRN it is after the final BN-ReLU, for MobileNetV2
+    after the 1x1 convolution to 1280 channels and for ShuffleV2 after ``conv2``, which
+    the ``is_feat`` lists do not hold. A forward hook, so it needs no change of ``forward``
+    and follows the network inside DistributedDataParallel. ``feature`` is the tensor
+    itself (with its graph in training, in the autocast dtype under AMP).
+    """
+
+    def __init__(self, model):
+        self.feature = None
+        self._handle = get_global_pool(model).register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.feature = inputs[0]
+
+    def remove(self):
+        self._handle.remove()
 
 
 class ConvReg(nn.Module):
