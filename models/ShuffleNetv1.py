@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helper.errors import UserError
+
 __all__ = ['ShuffleV1']
 
 
@@ -74,6 +76,12 @@ class ShuffleNet(nn.Module):
 
     def get_feat_modules(self):
         return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3])
+
+    def get_bn_before_relu(self):
+        # RepDistiller and mdistiller raise here too, so no OFD result has this teacher
+        raise UserError('ShuffleV1 cannot be the teacher of --distill ofd: RepDistiller and mdistiller name no '
+                        'BN layers before its ReLUs (get_bn_before_relu) to take margins from; '
+                        'choose another teacher')
 
     def forward(self, x, is_feat=False, preact=False):
         x = F.relu(self.bn1(self.conv1(x)))

@@ -96,7 +96,9 @@ class ConvReg(nn.Module):
       the student's size instead.
 
     then BatchNorm (and ReLU when ``use_relu``). ``forward(x, t)`` returns the regressed
-    student map and the (possibly pooled) teacher map, ready to be compared.
+    student map and the (possibly pooled) teacher map, ready to be compared; ``forward(x)``
+    (RepDistiller's form) returns the regressed map alone. RepDistiller has no last rule
+    (its ConvReg fails to build there); SemCKD added it.
     """
 
     def __init__(self, s_shape, t_shape, use_relu=True):
@@ -119,10 +121,13 @@ class ConvReg(nn.Module):
         # only the last rule leaves the student smaller than the teacher
         self.pool_teacher = not (s_H == 2 * t_H or 2 * s_H == t_H or s_H >= t_H)
 
-    def forward(self, x, t):
+    def forward(self, x, t=None):
         x = self.bn(self.conv(x))
         if self.use_relu:
             x = self.relu(x)
+        if t is None:
+            # RepDistiller's one-argument form (AB's ``Connector`` calls it so)
+            return x
         if self.pool_teacher:
             t = F.adaptive_avg_pool2d(t, (self.s_H, self.s_H))
         return x, t
@@ -191,3 +196,114 @@ class Normalize(nn.Module):
     def forward(self, x):
         norm = x.pow(self.power).sum(1, keepdim=True).pow(1.0 / self.power)
         return x / norm
+
+
+def _optional_bn(channels, use_bn):
+    # an empty Sequential keeps the layer's index, so the state-dict keys (encoder.3.weight,
+    # ...) are the reference's with and without BN
+    return nn.BatchNorm2d(channels) if use_bn else nn.Sequential()
+
+
+class Paraphraser(nn.Module):
+    """FT's paraphraser: a convolutional auto-encoder of the teacher's last stage map.
+
+    ``t_shape`` is the teacher map's ``(N, C, H, W)``; the factor has ``int(C * k)``
+    channels at the same size. Encoder: three 3x3 convolutions (C->C->kC->kC), decoder:
+    three 3x3 transposed convolutions (kC->kC->C->C), each followed by the optional BN
+    and LeakyReLU(0.1), as in RepDistiller (so the reconstruction is LeakyReLU'd too).
+    ``forward(f_s, is_factor=False)`` returns ``(factor, reconstruction)``, or the factor
+    alone when ``is_factor``.
+    """
+
+    def __init__(self, t_shape, k=0.5, use_bn=False):
+        super().__init__()
+        in_channel = t_shape[1]
+        out_channel = int(t_shape[1] * k)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channel, in_channel, 3, 1, 1),
+            _optional_bn(in_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(in_channel, out_channel, 3, 1, 1),
+            _optional_bn(out_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(out_channel, out_channel, 3, 1, 1),
+            _optional_bn(out_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(out_channel, out_channel, 3, 1, 1),
+            _optional_bn(out_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.ConvTranspose2d(out_channel, in_channel, 3, 1, 1),
+            _optional_bn(in_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.ConvTranspose2d(in_channel, in_channel, 3, 1, 1),
+            _optional_bn(in_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+        )
+
+    def forward(self, f_s, is_factor=False):
+        factor = self.encoder(f_s)
+        if is_factor:
+            return factor
+        return factor, self.decoder(factor)
+
+
+class Translator(nn.Module):
+    """FT's translator: the paraphraser's encoder on the student's map (``s_shape``),
+    ending at the teacher factor's ``int(t_shape[1] * k)`` channels; BN on by default."""
+
+    def __init__(self, s_shape, t_shape, k=0.5, use_bn=True):
+        super().__init__()
+        in_channel = s_shape[1]
+        out_channel = int(t_shape[1] * k)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channel, in_channel, 3, 1, 1),
+            _optional_bn(in_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(in_channel, out_channel, 3, 1, 1),
+            _optional_bn(out_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(out_channel, out_channel, 3, 1, 1),
+            _optional_bn(out_channel, use_bn),
+            nn.LeakyReLU(0.1, inplace=True),
+        )
+
+    def forward(self, f_s):
+        return self.encoder(f_s)
+
+
+class Connector(nn.Module):
+    """AB's connectors: map each student map onto the shape of the teacher map it meets.
+
+    One entry per pair of ``s_shapes``/``t_shapes``: the identity (an empty Sequential,
+    no parameters) when channels and height already agree, else ``ConvReg(s, t,
+    use_relu=False)`` (convolution + BN; a ReLU would remove the sign that AB transfers).
+    ``forward(g_s)`` returns the list of mapped maps. Pairs the reference cannot connect
+    (unequal list lengths, a student map smaller than the teacher's other than by 2x)
+    raise ``ValueError``; ``distiller_zoo.AB.check_ab_pair`` says so in one line first.
+    """
+
+    def __init__(self, s_shapes, t_shapes):
+        super().__init__()
+        self.s_shapes = s_shapes
+        self.t_shapes = t_shapes
+        self.connectors = nn.ModuleList(self._make_connectors(s_shapes, t_shapes))
+
+    @staticmethod
+    def _make_connectors(s_shapes, t_shapes):
+        if len(s_shapes) != len(t_shapes):
+            raise ValueError('unequal length of feat list: {} vs {}'.format(len(s_shapes), len(t_shapes)))
+        connectors = []
+        for s, t in zip(s_shapes, t_shapes):
+            if s[1] == t[1] and s[2] == t[2]:
+                connectors.append(nn.Sequential())
+            elif s[2] < t[2] and 2 * s[2] != t[2]:
+                # ConvReg would pool the teacher here, which the one-argument form cannot
+                raise ValueError('no connector from a {}x{} map to a {}x{} map'.format(s[2], s[3], t[2], t[3]))
+            else:
+                connectors.append(ConvReg(s, t, use_relu=False))
+        return connectors
+
+    def forward(self, g_s):
+        return [connector(f) for connector, f in zip(self.connectors, g_s)]
