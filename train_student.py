@@ -14,7 +14,7 @@ import torch
 import torch.optim as optim
 
 from helper.errors import UserError
-from helper.loops import DistillObjective, validate
+from helper.loops import DistillObjective, InitObjective, validate
 from helper.options import add_common_args, finish_common
 from helper.teacher import SPLIT, get_teacher_name, load_teacher
 from helper.distributed import launch, wrap_ddp
@@ -38,20 +38,10 @@ def parse_option(argv=None):
     g.add_argument('-b', '--beta', type=float, default=0.0, help="weight of the method's own loss")
     g.add_argument('--kd_T', type=float, default=4, help='temperature of the KD loss')
     g.add_argument('--skip-validation', action='store_true', help="don't evaluate the teacher before training")
-    g.add_argument('--feat_dim', default=128, type=int, help='embedding size (CC, CRD)')
-    g.add_argument('--mode', default='exact', type=str, choices=['exact', 'relax'], help='CRD sampling mode')
-    g.add_argument('--nce_k', default=16384, type=int, help='CRD: negatives per sample')
-    g.add_argument('--nce_t', default=0.07, type=float, help='CRD: softmax temperature')
-    g.add_argument('--nce_m', default=0.5, type=float, help='CRD: memory momentum')
-    g.add_argument('--hint_layer', default=1, type=int, help='FitNet: index into the feature list')
-    g.add_argument('--transform_layer_t', nargs='+', type=int, default=[], help='IRG: teacher transform layers')
-    g.add_argument('--transform_layer_s', nargs='+', type=int, default=[], help='IRG: student transform layers')
-    g.add_argument('--no_edge_transform', action='store_true', help='IRG: drop the edge-transform term')
-    g.add_argument('--hkd_initial_weight', default=100, type=float, help='HKD: weight of the first layer')
-    g.add_argument('--hkd_decay', default=0.7, type=float, help='HKD: layer weight decay')
+    g.add_argument('--init_epochs', type=int, default=30,
+                   help='epochs of the init stage of the methods that have one (RepDistiller: 30)')
     for cls in DISTILLERS.values():
-        if hasattr(cls, 'add_arguments'):
-            cls.add_arguments(parser)
+        cls.add_arguments(parser.add_argument_group(cls.display_name or cls.name))
     add_common_args(parser)
     opt = parser.parse_args(argv)
 
@@ -59,6 +49,8 @@ def parse_option(argv=None):
         raise UserError("unknown --model_s '{}'; valid names: {}".format(opt.model_s, ', '.join(sorted(model_dict))))
     if opt.distill not in DISTILLERS:
         raise UserError("unknown --distill '{}'; valid methods: {}".format(opt.distill, ', '.join(sorted(DISTILLERS))))
+    if opt.init_epochs < 0:
+        raise UserError('--init_epochs must be 0 or more (got {})'.format(opt.init_epochs))
     if opt.path_t is None:
         raise UserError('--path-t is required: the teacher checkpoint, e.g. '
                         './save/models/resnet32x4_vanilla/ckpt_epoch_240.pth')
@@ -103,7 +95,7 @@ def worker(opt):
 def build_trainer(opt, device):
     """Teacher, student, method, data, optimiser: everything of a run but its loop."""
     from dataset import NUM_CLASSES, get_dataloaders, image_size
-    from distiller_zoo import DISTILLERS, build_distiller
+    from distiller_zoo import DISTILLERS, StudentPredictor, build_distiller
     from models import build_model
 
     log = log_main(opt)
@@ -122,9 +114,9 @@ def build_trainer(opt, device):
     model_s.eval()
     model_t.eval()
     with torch.no_grad():
-        feat_s, _ = model_s(probe, is_feat=True)
-        feat_t, _ = model_t(probe, is_feat=True)
-    distiller = build_distiller(opt.distill, feat_s, feat_t, opt)
+        feat_s, _ = model_s(probe, is_feat=True, preact=method.preact)
+        feat_t, _ = model_t(probe, is_feat=True, preact=method.preact)
+    distiller = build_distiller(opt.distill, feat_s, feat_t, opt, model_s=model_s, model_t=model_t)
 
     model_t.requires_grad_(False)
     model_t, model_s, distiller = model_t.to(device), model_s.to(device), distiller.to(device)
@@ -133,17 +125,38 @@ def build_trainer(opt, device):
         model_s = model_s.to(memory_format=torch.channels_last)
     log('==> teacher {} from {}; student {}; method {}; {} on {}'.format(
         opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
-    optimizer = optim.SGD(list(model_s.parameters()) + list(distiller.parameters()), lr=opt.learning_rate,
+    optimizer = optim.SGD(trainable(model_s, distiller), lr=opt.learning_rate,
                           momentum=opt.momentum, weight_decay=opt.weight_decay)
     # the frozen teacher stays unwrapped; the memory banks of CRD are per-process buffers
     train_s = wrap_ddp(model_s, device)
     train_s = torch.compile(train_s) if opt.compile else train_s
     objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False), opt)
+    eval_model = StudentPredictor(train_s, distiller) if method.changes_prediction else train_s
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
-    return Trainer(opt, objective, {'model': model_s, 'distiller': distiller}, train_s, optimizer,
+
+    init = None
+    stage = distiller.init_stage(opt)
+    if stage is not None and stage.epochs > 0:
+        # RepDistiller's helper/pretrain.py: SGD over the stage's modules at its constant learning rate
+        init_optimizer = optim.SGD(trainable(*stage.modules_to_train), lr=stage.lr, momentum=opt.momentum,
+                                   weight_decay=opt.weight_decay)
+        init = (stage.epochs, InitObjective(objective, stage), init_optimizer)
+        log('==> init stage: {} epochs, lr {:g}'.format(stage.epochs, stage.lr))
+    return Trainer(opt, objective, {'model': model_s, 'distiller': distiller}, eval_model, optimizer,
                    train_loader, val_loader, device, train_sampler=train_sampler, file_prefix=opt.model_s,
                    extra_state={'arch': opt.model_s, 'distill': opt.distill, 'teacher': opt.model_t,
-                                'dataset': opt.dataset}, scaler=scaler)
+                                'dataset': opt.dataset}, scaler=scaler, init=init)
+
+
+def trainable(*modules):
+    """The parameters of ``modules`` that require a gradient, each once, in order."""
+    params, seen = [], set()
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
 
 
 if __name__ == '__main__':

@@ -54,9 +54,12 @@ def stage_pairs(feat_s, feat_t):
 class ATDistiller(Distiller):
     """``--distill attention``: ``Attention(p=2)`` summed over the stage pairs
     ``zip(feat_s[1:-1], feat_t[1:-1])``."""
+    display_name = 'AT'
+    source = 'HobbitLong/RepDistiller distiller_zoo/AT.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 1000}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         if stage_pairs(feat_s, feat_t) < 1:
             raise UserError('--distill attention needs models with at least one stage feature map '
                             '(feature lists of length >= 3); choose other models or another method')

@@ -4,7 +4,7 @@ import torch.nn as nn
 from helper.errors import UserError
 from models.util import LinearEmbed
 
-from .registry import Distiller, register, zero_loss
+from .registry import Distiller, register, shared_argument, zero_loss
 
 
 class Correlation(nn.Module):
@@ -33,9 +33,16 @@ class CCDistiller(Distiller):
     trained, the teacher's included, as in the reference (that is how CC was run; the
     teacher network itself stays fixed). A batch of one sample contributes zero.
     """
+    display_name = 'CC'
+    source = 'HobbitLong/RepDistiller distiller_zoo/CC.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 0.02}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    @classmethod
+    def add_arguments(cls, parser):
+        shared_argument(parser, '--feat_dim', default=128, type=int, help='embedding size (CC, CRD)')
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         if opt.feat_dim < 1:
             raise UserError('--feat_dim must be a positive integer, got {}'.format(opt.feat_dim))
         self.embed_s = LinearEmbed(feat_s[-1][0].numel(), opt.feat_dim)

@@ -7,7 +7,7 @@ import argparse
 from crd.criterion import CRDLoss
 from helper.errors import UserError
 
-from .registry import Distiller, register
+from .registry import Distiller, register, shared_argument
 
 
 @register('crd')
@@ -24,10 +24,22 @@ class CRDDistiller(Distiller):
     Call it once per backward pass, as the training loop does: the memory is updated in
     place during the forward pass.
     """
+    display_name = 'CRD'
+    source = 'HobbitLong/RepDistiller crd/criterion.py, crd/memory.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 0.8}
     data_mode = 'crd'
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    @classmethod
+    def add_arguments(cls, parser):
+        shared_argument(parser, '--feat_dim', default=128, type=int, help='embedding size (CC, CRD)')
+        parser.add_argument('--mode', default='exact', type=str, choices=['exact', 'relax'],
+                            help='CRD sampling mode')
+        parser.add_argument('--nce_k', default=16384, type=int, help='CRD: negatives per sample')
+        parser.add_argument('--nce_t', default=0.07, type=float, help='CRD: softmax temperature')
+        parser.add_argument('--nce_m', default=0.5, type=float, help='CRD: memory momentum')
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         if getattr(opt, 'n_data', None) is None:
             raise ValueError('CRD needs opt.n_data, the number of training samples (set it from the loader)')
         if opt.feat_dim < 1:

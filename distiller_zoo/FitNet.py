@@ -30,9 +30,16 @@ class FitNetDistiller(Distiller):
 
     Owns the ``ConvReg`` regressor (trained with the student).
     """
+    display_name = 'FitNet'
+    source = 'HobbitLong/RepDistiller distiller_zoo/FitNet.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 100}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument('--hint_layer', default=1, type=int, help='FitNet: index into the feature list')
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         h = opt.hint_layer
         valid = [i for i in range(min(len(feat_s), len(feat_t)))
                  if feat_s[i].dim() == 4 and feat_t[i].dim() == 4]

@@ -93,15 +93,20 @@ class HKDDistiller(Distiller):
     The paper's two-pass recipe (PKT into ``resnet8x4_double``, then HKD from that network
     into ``resnet8x4``) is two runs of ``train_student.py``; this class is the second run's loss.
     """
+    display_name = 'HKD'
+    source = 'DefangChen/SemCKD distiller_zoo/HKD.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 1}
 
     @classmethod
     def add_arguments(cls, parser):
+        parser.add_argument('--hkd_initial_weight', default=100, type=float, help='HKD: weight of the first layer')
+        parser.add_argument('--hkd_decay', default=0.7, type=float, help='HKD: layer weight decay')
         parser.add_argument('--hkd_paper_weights', action='store_true',
                             help='HKD: weight stage i by hkd_initial_weight * hkd_decay**i (paper) instead of '
                                  'weighting only the first stage (reference, default)')
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         self.criterion = HKDLoss(init_weight=opt.hkd_initial_weight, decay=opt.hkd_decay,
                                  paper_weights=getattr(opt, 'hkd_paper_weights', False))
 

@@ -81,9 +81,20 @@ class IRGDistiller(Distiller):
     with the transform layers ``feat[i]`` for ``i`` in ``--transform_layer_s``/``--transform_layer_t``
     and ``--no_edge_transform``. Both lists must be equally long (layers pair up in order).
     """
+    display_name = 'IRG'
+    source = 'DefangChen/SemCKD distiller_zoo/IRG.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 0.005}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument('--transform_layer_t', nargs='+', type=int, default=[],
+                            help='IRG: teacher transform layers')
+        parser.add_argument('--transform_layer_s', nargs='+', type=int, default=[],
+                            help='IRG: student transform layers')
+        parser.add_argument('--no_edge_transform', action='store_true', help='IRG: drop the edge-transform term')
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         self.transform_layer_s = list(getattr(opt, 'transform_layer_s', None) or [])
         self.transform_layer_t = list(getattr(opt, 'transform_layer_t', None) or [])
         self.no_edge_transform = bool(getattr(opt, 'no_edge_transform', False))

@@ -32,9 +32,12 @@ class KDDistiller(Distiller):
     KD itself is the ``-a`` term, which the loop computes with ``DistillKL(opt.kd_T)`` for
     every method; this adapter only contributes a zero ``-b`` term.
     """
+    display_name = 'KD'
+    source = 'HobbitLong/RepDistiller distiller_zoo/KD.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 0}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
 
     def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
         return zero_loss(logit_s)

@@ -40,9 +40,12 @@ class PKT(nn.Module):
 @register('pkt')
 class PKTDistiller(Distiller):
     """``--distill pkt``: ``PKT`` on the embeddings ``feat[-1]`` (flattened per sample)."""
+    display_name = 'PKT'
+    source = 'HobbitLong/RepDistiller distiller_zoo/PKT.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 30000}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         self.criterion = PKT()
 
     def forward(self, feat_s, feat_t, logit_s, logit_t, batch):

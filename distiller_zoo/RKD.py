@@ -68,9 +68,12 @@ class RKDDistiller(Distiller):
 
     A batch of one sample has no pairs and contributes zero (the reference gives NaN).
     """
+    display_name = 'RKD'
+    source = 'HobbitLong/RepDistiller distiller_zoo/RKD.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 1}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         self.criterion = RKDLoss(w_d=25, w_a=50)
 
     def forward(self, feat_s, feat_t, logit_s, logit_t, batch):

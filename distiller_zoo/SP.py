@@ -34,9 +34,12 @@ class Similarity(nn.Module):
 @register('similarity')
 class SPDistiller(Distiller):
     """``--distill similarity``: ``Similarity`` on the last feature map, ``feat[-2]``."""
+    display_name = 'SP'
+    source = 'HobbitLong/RepDistiller distiller_zoo/SP.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 3000}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         self.criterion = Similarity()
 
     def forward(self, feat_s, feat_t, logit_s, logit_t, batch):

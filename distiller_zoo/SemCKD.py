@@ -130,10 +130,13 @@ class SemCKDDistiller(Distiller):
     (The reference silently skipped smaller batches in its training loop.) Under distributed
     training ``--batch_size`` must be the per-process batch size.
     """
+    display_name = 'SemCKD'
+    source = 'DefangChen/SemCKD distiller_zoo/SemCKD.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 400}
     drop_last = True
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         factor = 4
         if opt.batch_size < factor:
             raise UserError('SemCKD needs --batch_size >= {} (its attention width is batch_size // {}), got {}'.format(
@@ -151,3 +154,12 @@ class SemCKDDistiller(Distiller):
                              'SemCKD needs every batch at --batch_size (drop_last=True)'.format(self.batch_size, bsz))
         s_value, f_target, weight = self.self_attention(feat_s[1:-1], [f.detach() for f in feat_t[1:-1]])
         return self.criterion(s_value, f_target, weight)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        # the attention's key/query layers are as wide as the batch they were trained with: say so,
+        # instead of listing shape mismatches
+        saved = state_dict.get('self_attention.key_weight0.linear1.weight')
+        if saved is not None and saved.dim() == 2 and saved.shape[1] != self.batch_size:
+            raise UserError('SemCKD\'s attention was trained with a per-process batch size of {}, this run uses {}: '
+                            'resume with the same --batch_size'.format(saved.shape[1], self.batch_size))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

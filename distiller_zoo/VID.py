@@ -58,9 +58,12 @@ class VIDDistiller(Distiller):
     """``--distill vid``: one ``VIDLoss(C_s, C_t, C_t)`` per stage pair
     ``zip(feat_s[1:-1], feat_t[1:-1])``, summed. The variance nets are trained with the
     student."""
+    display_name = 'VID'
+    source = 'HobbitLong/RepDistiller distiller_zoo/VID.py'
+    weights = {'gamma': 1, 'alpha': 1, 'beta': 1}
 
-    def __init__(self, feat_s, feat_t, opt):
-        super().__init__(feat_s, feat_t, opt)
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
         if stage_pairs(feat_s, feat_t) < 1:
             raise UserError('--distill vid needs models with at least one stage feature map '
                             '(feature lists of length >= 3); choose other models or another method')

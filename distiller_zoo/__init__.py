@@ -5,9 +5,11 @@ registered under its ``--distill`` name; see ``registry.py``.
 """
 import importlib
 
-from .registry import DISTILLERS, Distiller, build_distiller, register
+from .registry import (DISTILLERS, Distiller, InitStage, StudentPredictor, build_distiller, method_table,
+                       reference_weights, register, shared_argument, unregister)
 
-# module name -> the loss classes it exports under their RepDistiller names
+# module name -> the loss classes it exports under their reference names; the order is the order of
+# the sweep, the README table and scripts/methods.py
 _METHODS = {
     'KD': ['DistillKL'],
     'FitNet': ['HintLoss'],
@@ -17,13 +19,14 @@ _METHODS = {
     'VID': ['VIDLoss'],
     'RKD': ['RKDLoss'],
     'PKT': ['PKT'],
+    'CRD': [],  # adapter only; CRDLoss lives in crd/criterion.py
     'IRG': ['IRGLoss'],
     'HKD': ['HKDLoss'],
     'SemCKD': ['SemCKDLoss'],
-    'CRD': [],  # adapter only; CRDLoss lives in crd/criterion.py
 }
 
-__all__ = ['DISTILLERS', 'Distiller', 'build_distiller', 'register']
+__all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',
+           'reference_weights', 'register', 'shared_argument', 'unregister']
 for _module_name, _exports in _METHODS.items():
     _module = importlib.import_module('.' + _module_name, __name__)
     for _export in _exports:

@@ -1,13 +1,22 @@
 """The method registry and the interface every distillation method implements.
 
-A method is one file that defines its loss (the well-known RepDistiller class, e.g.
-``Attention``) and a ``Distiller`` subclass registered under its ``--distill`` name.
-The training loop only ever calls::
+A method is one file that defines its loss (the well-known reference class, e.g.
+``Attention``) and a ``Distiller`` subclass registered under its ``--distill`` name. The
+subclass holds everything the rest of the code base needs to know about the method: its
+flags, its reference loss weights and table label, the inputs it needs from the loader and
+the models, and its optional hooks. The training loop, the scripts and the tests read those
+facts from here and never ask which method runs, so adding a method is one file plus its
+line in ``distiller_zoo/__init__.py``.
 
-    loss_kd = distiller(feat_s, feat_t, logit_s, logit_t, batch)
+One step's loss (``helper/loops.py``)::
 
-so adding a method never touches ``train_student.py`` or ``helper/loops.py``.
+    loss = gamma * CE(logit_s, y)
+         + alpha * KL_T(logit_s, logit_t)        # dropped when the method sets replaces_kd
+         + beta  * sum(terms.values())           # terms: the distiller's output ({'kd': t} for a tensor t)
 """
+from dataclasses import dataclass, field
+from typing import List
+
 import torch
 import torch.nn as nn
 
@@ -25,42 +34,139 @@ def register(name):
     return wrap
 
 
+def unregister(name):
+    """Remove ``--distill name`` again (tests register throw-away methods)."""
+    DISTILLERS.pop(name)
+
+
+@dataclass
+class InitStage:
+    """An initialisation stage trained before the main stage (RepDistiller's ``helper/pretrain.py``).
+
+    For ``epochs`` epochs over the training set, ``Distiller.init_loss`` alone (no
+    cross-entropy, no weights) is minimised by SGD over ``modules_to_train`` (which may
+    include the student or parts of it) at the constant learning rate ``lr``, with the run's
+    momentum and weight decay. The teacher and every other module stay in eval mode and are
+    not updated.
+    """
+    epochs: int
+    modules_to_train: List[nn.Module] = field(default_factory=list)
+    lr: float = 0.05
+
+
 class Distiller(nn.Module):
-    """Base class: the ``-b`` term of ``gamma*CE + alpha*KD + beta*distiller(...)``.
+    """Base class of every method: the ``-b`` term of the loss, and the facts about the method.
 
     Constructed once, before training, from the features of one probe forward pass
-    (``feat_s``/``feat_t``: the model's ``is_feat=True`` lists for a dummy batch of
-    ``opt.batch_size`` images) so adapters know their shapes. Its parameters are trained
-    with the student and saved in the student checkpoint; its buffers (e.g. CRD's memory
-    bank) are saved too.
-
-    Class attributes a method may override:
-      data_mode  'plain' -> batches are (x, y); 'crd' -> (x, y, index, contrast_idx)
-                 (the loader draws ``opt.nce_k`` negatives per sample); 'instance' ->
-                 (x, y, index).
-      drop_last  True when the method cannot take a smaller last batch (SemCKD).
+    (``feat_s``/``feat_t``: the models' ``is_feat=True`` lists, with ``preact=True`` if the
+    method asks for it) so adapters know their shapes. ``model_s``/``model_t`` are the student
+    and the frozen teacher, for methods that read or reuse their modules; keep a frozen module
+    out of the parameters (e.g. in a plain list or with ``requires_grad`` False): only
+    parameters that require a gradient reach the optimiser. The distiller's parameters are
+    trained with the student and saved in the student checkpoint; its buffers (e.g. CRD's
+    memory bank) are saved too.
     """
-    name = None
-    data_mode = 'plain'
-    drop_last = False
+    # ---- facts, read by the sweep, the summary, the README table and the tests
+    name = None              # the --distill name, set by @register
+    display_name = None      # table row label, e.g. 'FitNet'
+    source = ''              # the reference code it was checked against
+    weights = {'gamma': 1.0, 'alpha': 1.0, 'beta': 0.0}   # reference CIFAR-100 -r / -a / -b
+    pair_weights = {}        # {(model_t, model_s): {...}}: per-pair overrides of ``weights``
 
-    def __init__(self, feat_s, feat_t, opt):
+    # ---- what the loop provides
+    data_mode = 'plain'      # 'plain' (x, y) | 'instance' (+ batch['index']) | 'crd' (+ 'index', 'contrast_idx')
+    extra_views = 0          # > 0: the loader also yields that many more augmented views, batch['views']
+    drop_last = False        # cannot take a smaller last batch (SemCKD)
+    preact = False           # features from model(x, is_feat=True, preact=True)
+    replaces_kd = False      # True: the loop drops alpha * KL_T; the method gives its own logit loss
+    changes_prediction = False  # True: validation and the best checkpoint use predict()
+
+    @classmethod
+    def add_arguments(cls, parser):
+        """Add the method's own flags to ``parser`` (an argument group named after the method).
+
+        A flag that several methods share is declared with ``shared_argument``.
+        """
+
+    @classmethod
+    def view_transform(cls, dataset):
+        """The augmentation of the extra views (``extra_views > 0``); ``None``: the training
+        transform of ``dataset``."""
+        return None
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
         super().__init__()
 
-    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
-        """Return the method's loss as a 0-dim tensor.
+    def on_epoch_start(self, epoch):
+        """Called before every epoch of the main stage (1-based), after a resume too."""
 
-        ``batch`` is a dict with ``'target'`` and, per ``data_mode``, ``'index'`` and
-        ``'contrast_idx'`` (already on the run's device).
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        """The method's loss: a 0-dim tensor, or a dict of named 0-dim tensors (summed, then
+        weighted by ``-b``; each is logged as ``loss_<name>``).
+
+        ``batch`` is a dict with ``'target'`` and, per ``data_mode``/``extra_views``,
+        ``'index'``, ``'contrast_idx'`` and ``'views'`` (already on the run's device).
         """
         raise NotImplementedError
 
+    def predict(self, feat_s, logit_s):
+        """The student's test-time logits when ``changes_prediction`` is set."""
+        return logit_s
 
-def build_distiller(name, feat_s, feat_t, opt):
+    def init_stage(self, opt):
+        """``None``, or an ``InitStage`` to train before the main stage."""
+        return None
+
+    def init_loss(self, feat_s, feat_t, logit_s, logit_t, batch):
+        """The loss of the init stage (a tensor or a dict of named tensors, summed unweighted)."""
+        raise NotImplementedError('{} has no init stage'.format(type(self).__name__))
+
+
+class StudentPredictor(nn.Module):
+    """What validation runs for a method that changes how the student predicts."""
+
+    def __init__(self, model_s, distiller):
+        super().__init__()
+        self.model_s = model_s
+        self.distiller = distiller
+
+    def forward(self, x):
+        return self.distiller.predict(*self.model_s(x, is_feat=True, preact=type(self.distiller).preact))
+
+
+def build_distiller(name, feat_s, feat_t, opt, model_s=None, model_t=None):
     """Instantiate the method registered as ``name``; ``KeyError`` lists valid names."""
     if name not in DISTILLERS:
         raise KeyError("unknown --distill '{}'; valid methods: {}".format(name, ', '.join(sorted(DISTILLERS))))
-    return DISTILLERS[name](feat_s, feat_t, opt)
+    return DISTILLERS[name](feat_s, feat_t, opt, model_s=model_s, model_t=model_t)
+
+
+def reference_weights(name, model_t=None, model_s=None):
+    """The reference ``{'gamma', 'alpha', 'beta'}`` of a method, for a pair if it has its own."""
+    cls = DISTILLERS[name]
+    weights = dict(Distiller.weights, **cls.weights)
+    weights.update(cls.pair_weights.get((model_t, model_s), {}))
+    return weights
+
+
+def method_table():
+    """``{name: {'display_name', 'weights', 'source'}}`` of every registered method, in
+    registration order (the order of ``distiller_zoo/__init__.py``)."""
+    return {name: {'display_name': cls.display_name or name, 'weights': reference_weights(name),
+                   'source': cls.source}
+            for name, cls in DISTILLERS.items()}
+
+
+def shared_argument(parser, flag, **kwargs):
+    """Declare ``flag`` unless another method already did (e.g. ``--feat_dim`` of CC and CRD).
+
+    The methods must agree on its type and default; a disagreement is a programming error.
+    """
+    existing = parser._option_string_actions.get(flag)
+    if existing is None:
+        parser.add_argument(flag, **kwargs)
+    elif existing.default != kwargs.get('default') or existing.type != kwargs.get('type'):
+        raise ValueError('{} is declared twice with different types or defaults'.format(flag))
 
 
 def zero_loss(like):

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helper.errors import UserError
-from helper.util import Meter, format_eta
+from helper.util import Meter, TermMeter, format_eta
 
 MAX_SKIPPED_STEPS = 20
 
@@ -44,9 +44,28 @@ class ClassifierObjective(nn.Module):
         loss = F.cross_entropy(logits, batch['target'])
         return loss, logits, {'cls': loss}
 
+    def on_epoch_start(self, epoch):
+        pass
+
+
+LOOP_TERMS = ('cls', 'div')
+
+
+def as_terms(out, name='kd'):
+    """A method's output -> its named terms: a tensor is ``{name: tensor}``."""
+    terms = dict(out) if isinstance(out, dict) else {name: out}
+    clash = [name for name in terms if name in LOOP_TERMS]
+    if clash:
+        raise ValueError('a method may not name its loss terms {} (the loop\'s own terms)'.format(', '.join(clash)))
+    return terms
+
 
 class DistillObjective(nn.Module):
-    """``gamma * CE + alpha * KL_T(student, teacher) + beta * distiller(...)``."""
+    """``gamma * CE + alpha * KL_T(student, teacher) + beta * sum(method's terms)``.
+
+    What the method needs (pre-activation features, no KL term) comes from its class
+    attributes; the loop never asks which method runs.
+    """
 
     def __init__(self, model_s, model_t, distiller, opt):
         super().__init__()
@@ -54,6 +73,9 @@ class DistillObjective(nn.Module):
         self.model_s = model_s
         self.model_t = model_t
         self.distiller = distiller
+        method = type(unwrap(distiller))
+        self.preact = method.preact
+        self.replaces_kd = method.replaces_kd
         self.criterion_div = DistillKL(opt.kd_T)
         self.gamma, self.alpha, self.beta = opt.gamma, opt.alpha, opt.beta
 
@@ -62,27 +84,93 @@ class DistillObjective(nn.Module):
         self.model_t.eval()  # the teacher is frozen, BN statistics included
         return self
 
-    def forward(self, x, batch):
-        feat_s, logit_s = self.model_s(x, is_feat=True)
+    def on_epoch_start(self, epoch):
+        unwrap(self.distiller).on_epoch_start(epoch)
+
+    def features(self, x, model_s=None):
+        """(feat_s, feat_t, logit_s, logit_t) of one batch; the teacher's without gradient."""
+        model_s = self.model_s if model_s is None else model_s
+        feat_s, logit_s = model_s(x, is_feat=True, preact=self.preact)
         with torch.no_grad():
-            feat_t, logit_t = self.model_t(x, is_feat=True)
+            feat_t, logit_t = self.model_t(x, is_feat=True, preact=self.preact)
+        return feat_s, feat_t, logit_s, logit_t
+
+    def method_terms(self, loss_fn, feat_s, feat_t, logit_s, logit_t, batch, name='kd'):
+        """The method's named terms: the one place where a method's loss is computed (main and
+        init stage alike)."""
+        return as_terms(loss_fn(feat_s, feat_t, logit_s, logit_t, batch), name)
+
+    def forward(self, x, batch):
+        feat_s, feat_t, logit_s, logit_t = self.features(x)
         loss_cls = F.cross_entropy(logit_s, batch['target'])
-        loss_div = self.criterion_div(logit_s, logit_t)
-        loss_kd = self.distiller(feat_s, feat_t, logit_s, logit_t, batch)
-        loss = self.gamma * loss_cls + self.alpha * loss_div + self.beta * loss_kd
-        return loss, logit_s, {'cls': loss_cls, 'div': loss_div, 'kd': loss_kd}
+        terms = {'cls': loss_cls}
+        loss = self.gamma * loss_cls
+        if not self.replaces_kd:
+            loss_div = self.criterion_div(logit_s, logit_t)
+            terms['div'] = loss_div
+            loss = loss + self.alpha * loss_div
+        method = self.method_terms(self.distiller, feat_s, feat_t, logit_s, logit_t, batch)
+        loss = loss + self.beta * sum(method.values())
+        terms.update(method)
+        return loss, logit_s, terms
+
+
+class InitObjective(nn.Module):
+    """The loss of a method's init stage: its ``init_loss`` alone, unweighted.
+
+    As RepDistiller's ``helper/pretrain.py``: student, teacher and distiller in eval mode but
+    for the modules the stage trains. The student runs unwrapped (no DDP: the stage trains only
+    some of its modules, if any); ``sync_gradients`` averages the trained gradients over the
+    processes instead.
+    """
+
+    def __init__(self, objective, stage):
+        super().__init__()
+        self.objective = objective
+        self.trained = nn.ModuleList(stage.modules_to_train)
+
+    def train(self, mode=True):
+        self.objective.train(False)
+        for module in self.trained:
+            module.train(mode)
+        self.training = mode
+        return self
+
+    def on_epoch_start(self, epoch):
+        pass
+
+    def forward(self, x, batch):
+        o = self.objective
+        feat_s, feat_t, logit_s, logit_t = o.features(x, model_s=unwrap(o.model_s))
+        terms = o.method_terms(unwrap(o.distiller).init_loss, feat_s, feat_t, logit_s, logit_t, batch, 'init')
+        return sum(terms.values()), logit_s, terms
+
+    def sync_gradients(self):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        for p in self.trained.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
 
 
 def to_batch(data, device):
     """Any loader's batch -> (x, batch dict) on ``device``.
 
-    Loaders yield ``(x, y)``, ``(x, y, index)`` or ``(x, y, index, contrast_idx)``.
+    Loaders yield ``(x, y)``, ``(x, y, index)``, ``(x, y, index, contrast_idx)``, or a dict with
+    ``'input'``, ``'target'`` and any of ``'index'``, ``'contrast_idx'`` and ``'views'`` (a list
+    of extra views of the input).
     """
-    keys = ('target', 'index', 'contrast_idx')
-    x = data[0].to(device, non_blocking=True)
-    batch = {k: v.to(device, non_blocking=True) for k, v in zip(keys, data[1:])}
+    if not isinstance(data, dict):
+        data = dict(zip(('input', 'target', 'index', 'contrast_idx'), data))
+
+    def move(v):
+        return [move(u) for u in v] if isinstance(v, (list, tuple)) else v.to(device, non_blocking=True)
+
+    batch = {k: move(v) for k, v in data.items() if k != 'input'}
     batch['target'] = batch['target'].reshape(-1).long()
-    return x, batch
+    return move(data['input']), batch
 
 
 def autocast(opt, device):
@@ -94,6 +182,12 @@ def autocast(opt, device):
 
 def _prepare_input(x, opt):
     return x.contiguous(memory_format=torch.channels_last) if getattr(opt, 'channels_last', False) else x
+
+
+def _prepare_batch(batch, opt):
+    if 'views' in batch:
+        batch['views'] = [_prepare_input(v, opt) for v in batch['views']]
+    return batch
 
 
 class _NonFiniteWatch:
@@ -137,19 +231,27 @@ def train_step(objective, optimizer, x, batch, opt, device, scaler=None):
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
+        sync = getattr(objective, 'sync_gradients', None)
+        if sync is not None:
+            sync()
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        sync = getattr(objective, 'sync_gradients', None)
+        if sync is not None:
+            sync()
         optimizer.step()
     return loss, logits, terms
 
 
 def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, log=print, n_steps=None,
-                eta_epochs_left=0):
-    """Train one epoch; returns dict(train_acc, train_acc_top5, train_loss, data_time_s, epoch_time_s, ...)."""
+                eta_epochs_left=0, label='Epoch'):
+    """Train one epoch; returns dict(train_acc, train_acc_top5, train_loss, data_time_s, epoch_time_s,
+    loss_<term> for every named loss term, ...)."""
     objective.train()
     meter = Meter(device)
+    term_meter = TermMeter(device)
     watch = _NonFiniteWatch(device)
     n_steps = n_steps if n_steps is not None else len(loader)
     skipped = 0
@@ -161,6 +263,7 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
         data_time += time.time() - end
         x, batch = to_batch(data, device)
         x = _prepare_input(x, opt)
+        batch = _prepare_batch(batch, opt)
         loss, logits, terms = train_step(objective, optimizer, x, batch, opt, device, scaler)
         if loss is None:
             skipped += 1
@@ -172,6 +275,7 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
         if opt.nan_policy != 'skip':
             watch.update(idx, terms)
         meter.update(loss, logits, batch['target'])
+        term_meter.update(terms, batch['target'].size(0))
 
         if (idx + 1) % opt.print_freq == 0 or idx + 1 == n_steps:
             watch.check(epoch)
@@ -180,9 +284,10 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
             step_time = (now - mark_time) / max(idx + 1 - mark_step, 1)
             steps_left = n_steps - idx - 1
             eta = step_time * (steps_left + eta_epochs_left * n_steps)
-            log('Epoch [{}][{}/{}]  loss {:.4f}  acc@1 {:.2f}  acc@5 {:.2f}  {:.0f} img/s  data {:.0f}%  '
+            log('{} [{}][{}/{}]  loss {:.4f}{}  acc@1 {:.2f}  acc@5 {:.2f}  {:.0f} img/s  data {:.0f}%  '
                 'ETA epoch {} / run {}'.format(
-                    epoch, idx + 1, n_steps, avg_loss, top1, top5, x.size(0) / max(step_time, 1e-9),
+                    label, epoch, idx + 1, n_steps, avg_loss, term_meter.brief(), top1, top5,
+                    x.size(0) / max(step_time, 1e-9),
                     100.0 * data_time / max(now - start, 1e-9), format_eta(step_time * steps_left),
                     format_eta(eta)))
             sys.stdout.flush()
@@ -190,12 +295,15 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
         end = time.time()
     watch.check(epoch)
     meter.all_reduce()
+    term_meter.all_reduce()
     top1, top5, avg_loss, n_seen = meter.values()
     if n_seen == 0 and n_steps > 0:
         raise UserError('no training step ran in epoch {}: the training set holds fewer images than one batch '
                         '(--batch_size {})'.format(epoch, opt.batch_size))
-    return {'train_acc': top1, 'train_acc_top5': top5, 'train_loss': avg_loss,
-            'data_time_s': data_time, 'epoch_time_s': time.time() - start, 'skipped_steps': skipped}
+    record = {'train_acc': top1, 'train_acc_top5': top5, 'train_loss': avg_loss,
+              'data_time_s': data_time, 'epoch_time_s': time.time() - start, 'skipped_steps': skipped}
+    record.update(('loss_' + name, value) for name, value in term_meter.values().items())
+    return record
 
 
 @torch.no_grad()

@@ -80,6 +80,12 @@ def load_state_strict(module, state_dict, path, what):
             wrong_shape.append('{} {}->{}'.format(k, tuple(state_dict[k].shape), tuple(own[k].shape)))
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected or wrong_shape:
+        # a module that knows why its state can differ (SemCKD: the batch size) raises a UserError from its
+        # load_state_dict; anything else gets the list of mismatched keys
+        try:
+            module.load_state_dict(state_dict, strict=True)
+        except RuntimeError:
+            pass
         parts = []
         for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', wrong_shape)):
             if keys:
@@ -94,10 +100,12 @@ class Trainer:
 
     ``modules`` maps checkpoint keys to the trained modules (``{'model': net}`` for a
     teacher, plus ``'distiller'`` for a student); ``eval_model`` is what validation runs.
+    ``init`` is an optional ``(epochs, objective, optimizer)`` stage trained before the main
+    one (no validation, constant learning rate), checkpointed and resumed like it.
     """
 
     def __init__(self, opt, objective, modules, eval_model, optimizer, train_loader, val_loader, device,
-                 train_sampler=None, file_prefix='model', extra_state=None, scaler=None):
+                 train_sampler=None, file_prefix='model', extra_state=None, scaler=None, init=None):
         self.opt, self.objective, self.modules = opt, objective, modules
         self.eval_model, self.optimizer, self.device = eval_model, optimizer, device
         self.train_loader, self.val_loader, self.train_sampler = train_loader, val_loader, train_sampler
@@ -107,6 +115,8 @@ class Trainer:
         self.folder = opt.save_folder
         self.log = log_main(opt)
         self.start_epoch, self.best_acc, self.best_epoch = 1, 0.0, 0
+        self.init_epochs, self.init_objective, self.init_optimizer = init if init is not None else (0, None, None)
+        self.init_done = 0  # init-stage epochs finished
 
     # ---------------------------------------------------------------- checkpoints
     def _path(self, name):
@@ -114,7 +124,8 @@ class Trainer:
 
     def _lean_state(self, epoch, acc):
         state = {key: unwrap(m).state_dict() for key, m in self.modules.items()}
-        state.update(epoch=epoch, accuracy=acc, best_acc=self.best_acc, **self.extra_state)
+        state.update(epoch=epoch, accuracy=acc, best_acc=self.best_acc, opt=_jsonable(vars(self.opt)),
+                     **self.extra_state)
         return state
 
     def _full_state(self, epoch, acc):
@@ -122,7 +133,9 @@ class Trainer:
         state.update(optimizer=self.optimizer.state_dict(), best_epoch=self.best_epoch, rng=rng_state(),
                      data_seed=getattr(self.train_sampler, 'seed', None),
                      scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                     opt=_jsonable(vars(self.opt)))
+                     init_epoch=self.init_done)
+        if self.init_optimizer is not None and epoch == 0:
+            state['init_optimizer'] = self.init_optimizer.state_dict()
         return state
 
     def resume(self, path):
@@ -140,17 +153,13 @@ class Trainer:
             if ckpt.get(key) != value:
                 raise UserError("--resume '{}' belongs to a run with {}={!r}, not {!r}; resume the matching run"
                                 .format(path, key, ckpt.get(key), value))
-        saved_batch = ckpt.get('opt', {}).get('batch_size')
         for key, module in self.modules.items():
-            try:
-                load_state_strict(unwrap(module), ckpt[key], path, 'resume checkpoint')
-            except UserError as e:
-                if saved_batch is None or saved_batch == self.opt.batch_size:
-                    raise
-                # SemCKD's attention layers are as wide as the batch they were built for
-                raise UserError('{}; it was trained with a per-process batch size of {}, this run uses {}: resume '
-                                'with the same --batch_size'.format(e, saved_batch, self.opt.batch_size)) from None
+            load_state_strict(unwrap(module), ckpt[key], path, 'resume checkpoint')
         self.optimizer.load_state_dict(ckpt['optimizer'])
+        # a checkpoint written during the init stage (epoch 0) continues it; a later one skips it
+        self.init_done = self.init_epochs if ckpt['epoch'] > 0 else min(ckpt.get('init_epoch') or 0, self.init_epochs)
+        if ckpt['epoch'] == 0 and self.init_optimizer is not None and ckpt.get('init_optimizer'):
+            self.init_optimizer.load_state_dict(ckpt['init_optimizer'])
         if self.scaler is not None and ckpt.get('scaler'):
             self.scaler.load_state_dict(ckpt['scaler'])
         set_rng_state(ckpt['rng'])
@@ -159,7 +168,10 @@ class Trainer:
             self.train_sampler.seed = ckpt['data_seed']
         self.start_epoch = ckpt['epoch'] + 1
         self.best_acc, self.best_epoch = ckpt['best_acc'], ckpt.get('best_epoch', 0)
-        self.log('==> resumed from {} (epoch {}, best acc {:.2f})'.format(path, ckpt['epoch'], self.best_acc))
+        if ckpt['epoch'] == 0:
+            self.log('==> resumed from {} (init epoch {}/{})'.format(path, self.init_done, self.init_epochs))
+        else:
+            self.log('==> resumed from {} (epoch {}, best acc {:.2f})'.format(path, ckpt['epoch'], self.best_acc))
 
     # ---------------------------------------------------------------- the loop
     def fit(self):
@@ -168,9 +180,11 @@ class Trainer:
         runlog = RunLog(self.folder, enabled=main, resume_epoch=self.start_epoch - 1)
         started = time.time()
         try:
+            self._fit_init_stage()
             for epoch in range(self.start_epoch, opt.epochs + 1):
                 if self.train_sampler is not None:
                     self.train_sampler.set_epoch(epoch)
+                self.objective.on_epoch_start(epoch)
                 lr = adjust_learning_rate(epoch, opt, self.optimizer)
                 self.log('==> epoch {}/{}  lr {:g}'.format(epoch, opt.epochs, lr))
                 train = train_epoch(epoch, self.train_loader, self.objective, self.optimizer, opt, self.device,
@@ -189,6 +203,26 @@ class Trainer:
             self.log('best accuracy: {:.2f} (epoch {})'.format(self.best_acc, self.best_epoch))
             self.write_parameters(total_time_s=time.time() - started)
         return self.best_acc
+
+    def _fit_init_stage(self):
+        """The method's init stage, epochs ``init_done + 1 .. init_epochs``; each ends in ``*_last.pth``."""
+        opt = self.opt
+        for k in range(self.init_done + 1, self.init_epochs + 1):
+            if self.train_sampler is not None:
+                # the same (seed, k) order an uninterrupted run's init epoch k had
+                self.train_sampler.set_epoch(k)
+            lr = self.init_optimizer.param_groups[0]['lr']
+            self.log('==> init epoch {}/{}  lr {:g}'.format(k, self.init_epochs, lr))
+            train = train_epoch(k, self.train_loader, self.init_objective, self.init_optimizer, opt, self.device,
+                                log=self.log, eta_epochs_left=self.init_epochs - k, label='Init epoch')
+            terms = ', '.join('{} {:.4f}'.format(name[5:], v) for name, v in train.items() if name.startswith('loss_'))
+            self.log(' * init epoch {}/{}  loss {:.4f} ({})  ({:.1f} s)'.format(
+                k, self.init_epochs, train['train_loss'], terms, train['epoch_time_s']))
+            self.init_done = k
+            if is_main(opt):
+                save_checkpoint(self._full_state(0, 0.0), self._path('{}_last.pth'.format(self.prefix)))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
 
     def _end_of_epoch(self, epoch, lr, train, test_acc, test_acc_top5, test_loss, runlog):
         opt = self.opt

@@ -63,6 +63,49 @@ class Meter:
         return 100.0 * hit1 / n, 100.0 * hit5 / n, loss_sum / n, int(n)
 
 
+class TermMeter:
+    """Per-sample means of a step's named loss terms, summed on the device like ``Meter``.
+
+    Every step must give the same names (the first step's); ``update`` never synchronises
+    with the host, ``values`` and ``brief`` do.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.names = None
+        self.sums = None  # [term sums..., n]
+
+    def update(self, terms, n):
+        if self.names is None:
+            self.names = list(terms)
+            self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=self.device)
+        elif list(terms) != self.names:
+            raise ValueError('loss terms changed from {} to {} between steps'.format(self.names, list(terms)))
+        values = [torch.as_tensor(terms[name], device=self.device).detach().double().reshape(()) for name in self.names]
+        self.sums += torch.stack(values + [torch.tensor(0.0, dtype=torch.float64, device=self.device)]) * n
+        self.sums[-1] += n
+
+    def all_reduce(self):
+        if self.sums is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.sums)
+        return self
+
+    def values(self):
+        """{name: mean} as Python floats."""
+        if self.names is None:
+            return {}
+        sums = self.sums.tolist()
+        n = max(sums[-1], 1.0)
+        return {name: value / n for name, value in zip(self.names, sums)}
+
+    def brief(self):
+        """'  (cls 4.1234, kd 0.0123)' when there is more than one term, else ''."""
+        values = self.values()
+        if len(values) < 2:
+            return ''
+        return '  ({})'.format(', '.join('{} {:.4f}'.format(k, v) for k, v in values.items()))
+
+
 def format_eta(seconds):
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
