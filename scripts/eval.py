@@ -105,18 +105,23 @@ def load_network(path, name=None, dataset=None):
 
 # ------------------------------------------------------------------------------------ prediction
 class Predictor(nn.Module):
-    """What a run predicts with: the student's own logits, or its method's ``predict(feat_s, logit_s)``."""
+    """What a run predicts with: the network's own logits, or its method's ``predict(feat_s, logit_s)``.
+
+    Called like a model of the zoo: ``predictor(x)`` gives the logits, ``predictor(x, is_feat=True)``
+    the network's feature list and those logits.
+    """
 
     def __init__(self, model, distiller=None):
         super().__init__()
         self.model = model
         self.distiller = distiller
 
-    def forward(self, x):
+    def forward(self, x, is_feat=False):
         if self.distiller is None:
-            return self.model(x)
+            return self.model(x, is_feat=is_feat)
         feat, logit = self.model(x, is_feat=True, preact=getattr(self.distiller, 'preact', False))
-        return self.distiller.predict(feat, logit)
+        logit = self.distiller.predict(feat, logit)
+        return (feat, logit) if is_feat else logit
 
 
 def run_flags(ckpt, params):
@@ -138,7 +143,7 @@ def rebuild_distiller(model_s, model_t, ckpt, flags, path, dataset):
                         "parameters.json)".format(ckpt.get('distill'), path))
     opt = argparse.Namespace(**flags)
     size = image_size(dataset)
-    probe = torch.randn(2, 3, size, size)
+    probe = torch.randn(2, 3, size, size, device=next(model_s.parameters()).device)
     preact = getattr(cls, 'preact', False)
     was_training = model_s.training, model_t.training
     model_s.eval()

@@ -41,7 +41,6 @@ import shutil
 import socket
 import sys
 import tarfile
-import time
 import urllib.error
 import urllib.request
 

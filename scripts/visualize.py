@@ -49,6 +49,7 @@ class Pair:
 
     def __init__(self, label, model_t, name_t, model_s, name_s, predictor_s, ckpt_s, dataset, flags, path_s):
         self.label, self.model_t, self.name_t = label, model_t, name_t
+        self.predictor_t = evaluation.Predictor(model_t)
         self.model_s, self.name_s, self.predictor_s = model_s, name_s, predictor_s
         self.ckpt_s, self.dataset, self.flags, self.path_s = ckpt_s, dataset, flags, path_s
         self.distill = ckpt_s.get('distill') or flags.get('distill')
@@ -115,15 +116,13 @@ def load_pair(student, args, teacher=None):
 
 
 # ------------------------------------------------------------------------------------ numbers
-def outputs(model, loader, device, predictor=None):
-    """(penultimate embeddings, logits, labels) over ``loader``; logits from ``predictor`` if given."""
+def outputs(net, loader, device):
+    """(penultimate embeddings, logits, labels) of ``net`` (a model or an eval.Predictor) over ``loader``."""
     feats, logits, labels = [], [], []
     with torch.no_grad():
         for x, y in loader:
             x = x.to(device)
-            feat, logit = model(x, is_feat=True)
-            if predictor is not None:
-                logit = predictor(x)
+            feat, logit = net(x, is_feat=True)
             feats.append(feat[-1].flatten(1).float().cpu())
             logits.append(logit.float().cpu())
             labels.append(torch.as_tensor(y))
@@ -209,7 +208,7 @@ def last_feature_map(feats):
     raise UserError('the model gives no spatial feature map for Grad-CAM')
 
 
-def grad_cam(model, x, target):
+def grad_cam(net, x, target):
     """Grad-CAM maps [N, H, W] in [0, 1] at the input's size, and the raw maps at the feature map's.
 
     The class score's gradient reaches the last feature map through a hook on it; each channel is
@@ -217,11 +216,11 @@ def grad_cam(model, x, target):
     """
     grads = {}
     with torch.enable_grad():
-        feats, logits = model(x, is_feat=True)
+        feats, logits = net(x, is_feat=True)
         fmap = last_feature_map(feats)
         fmap.register_hook(lambda g: grads.__setitem__('fmap', g))
         score = logits.gather(1, target.view(-1, 1)).sum()
-        model.zero_grad(set_to_none=True)
+        net.zero_grad(set_to_none=True)
         score.backward()
     weights = grads['fmap'].mean(dim=(2, 3), keepdim=True)
     raw = F.relu((weights * fmap.detach()).sum(1))
@@ -280,7 +279,8 @@ def plot_attention(pair, mean, per_class, n, names, path):
     panels = [('all {} images'.format(n), mean)] + [('class {}'.format(names[c] if names else c), m)
                                                      for c, m in per_class.items()]
     n_s, n_t = mean.shape
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 2.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 2.6 * len(panels), 3.6), squeeze=False,
+                             constrained_layout=True)
     for ax, (title, matrix) in zip(axes[0], panels):
         ax.imshow(matrix, cmap='viridis', vmin=0.0, vmax=1.0)
         for i in range(n_s):
@@ -290,10 +290,9 @@ def plot_attention(pair, mean, per_class, n, names, path):
         ax.set_xticks(range(n_t), ['T{}'.format(j + 1) for j in range(n_t)])
         ax.set_yticks(range(n_s), ['S{}'.format(i + 1) for i in range(n_s)])
         ax.set_title(title, fontsize=9)
-    axes[0][0].set_xlabel('teacher stage')
+        ax.set_xlabel('teacher stage', fontsize=8)
     axes[0][0].set_ylabel('student stage')
     fig.suptitle('SemCKD attention (student stage x teacher stage)\n' + pair.title(), fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -307,7 +306,7 @@ def _display(img):
 def plot_gradcam(pair, images, labels, cams_t, cams_s, names, path):
     plt = _plt()
     rows = len(images)
-    fig, axes = plt.subplots(rows, 3, figsize=(6.3, 2.0 * rows + 0.9), squeeze=False)
+    fig, axes = plt.subplots(rows, 3, figsize=(5.4, 1.8 * rows + 0.9), squeeze=False)
     for r in range(rows):
         shown = _display(images[r])
         label = names[labels[r]] if names else str(labels[r])
@@ -364,7 +363,7 @@ def draw(pair, opt, device):
     if targets is None:
         targets = [data[i][1] for i in range(len(data))]
     wanted = opt.figures or [f for f in FIGURES if f != 'attention' or pair.distill == 'semckd']
-    pair.model_t.to(device).eval()
+    pair.predictor_t.to(device).eval()
     pair.predictor_s.to(device).eval()
     os.makedirs(opt.out, exist_ok=True)
     out = {}
@@ -375,16 +374,16 @@ def draw(pair, opt, device):
     if 'tsne' in wanted:
         subset = tsne_subset(targets, opt.tsne_classes, opt.tsne_per_class, opt.seed)
         loader = DataLoader(Subset(data, subset), batch_size=opt.batch_size)
-        feat_t, _, labels = outputs(pair.model_t, loader, device)
-        feat_s, _, _ = outputs(pair.model_s, loader, device)
+        feat_t, _, labels = outputs(pair.predictor_t, loader, device)
+        feat_s, _, _ = outputs(pair.predictor_s, loader, device)
         points_t, points_s = embed_tsne(feat_t, opt.seed), embed_tsne(feat_s, opt.seed)
         out['tsne'] = (plot_tsne(pair, points_t, points_s, labels, path('tsne')),
                        {'indices': subset, 'features_t': feat_t, 'features_s': feat_s, 'labels': labels,
                         'points_t': points_t, 'points_s': points_s})
     if 'corr' in wanted:
         loader = DataLoader(data, batch_size=opt.batch_size)
-        _, logits_t, _ = outputs(pair.model_t, loader, device)
-        _, logits_s, _ = outputs(pair.model_s, loader, device, predictor=pair.predictor_s)
+        _, logits_t, _ = outputs(pair.predictor_t, loader, device)
+        _, logits_s, _ = outputs(pair.predictor_s, loader, device)
         diff, mean = correlation_difference(logits_t, logits_s)
         print('{}: mean |corr(teacher logits) - corr(student logits)| over classes = {:.4f} ({} images)'.format(
             pair.label, mean, len(data)))
@@ -401,8 +400,8 @@ def draw(pair, opt, device):
         picked = sorted(rng.choice(len(data), min(opt.gradcam_images, len(data)), replace=False).tolist())
         images = torch.stack([data[i][0] for i in picked])
         labels = torch.as_tensor([int(data[i][1]) for i in picked])
-        cams_t, _ = grad_cam(pair.model_t, images.to(device), labels.to(device))
-        cams_s, _ = grad_cam(pair.model_s, images.to(device), labels.to(device))
+        cams_t, _ = grad_cam(pair.predictor_t, images.to(device), labels.to(device))
+        cams_s, _ = grad_cam(pair.predictor_s, images.to(device), labels.to(device))
         out['gradcam'] = (plot_gradcam(pair, images, labels.tolist(), cams_t.cpu().numpy(), cams_s.cpu().numpy(),
                                        names, path('gradcam')),
                           {'indices': picked, 'cams_t': cams_t.cpu(), 'cams_s': cams_s.cpu()})

@@ -269,7 +269,7 @@ def png(path):
 
 
 @pytest.mark.parametrize('figure,size', [('tsne', (1000, 520)), ('corr', (640, 560)),
-                                         ('attention', (1160, 340)), ('gradcam', (630, 690))])
+                                         ('attention', (1160, 360)), ('gradcam', (540, 630))])
 def test_each_figure_is_a_titled_png(figures, figure, size):
     results, titles, _, out, label = figures
     path = out / '{}_{}.png'.format(figure, label)
