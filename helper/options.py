@@ -1,6 +1,8 @@
 """Command-line flags shared by train_teacher.py and train_student.py (reference names/defaults)."""
 import argparse
+import importlib.util
 import os
+import sys
 
 from helper.errors import UserError
 
@@ -48,6 +50,14 @@ def add_common_args(parser):
     g.add_argument('--synthetic_train_size', type=int, default=5000, help=argparse.SUPPRESS)
     g.add_argument('--synthetic_val_size', type=int, default=1000, help=argparse.SUPPRESS)
 
+    g = parser.add_argument_group('logging')
+    g.add_argument('--wandb', action='store_true',
+                   help='also log each epoch to Weights & Biases (pip install wandb); TensorBoard always logs')
+    g.add_argument('--wandb_project', type=str, default=None, help='W&B project (default: kd-<dataset>)')
+    g.add_argument('--wandb_entity', type=str, default=None, help='W&B entity (default: your default entity)')
+    g.add_argument('--wandb_mode', choices=['online', 'offline'], default=None,
+                   help="W&B mode (default: wandb's own, e.g. $WANDB_MODE); offline runs sync later with wandb sync")
+
     g = parser.add_argument_group('speed')
     g.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast mixed precision')
     g.add_argument('--channels_last', action='store_true', help='NHWC memory format for models and inputs')
@@ -80,4 +90,6 @@ def finish_common(opt, model_name_for_lr):
     if opt.seed is None and opt.deterministic:
         opt.seed = 12345
     opt.num_workers = max(0, min(opt.num_workers, os.cpu_count() or 1))
+    if getattr(opt, 'wandb', False) and 'wandb' not in sys.modules and importlib.util.find_spec('wandb') is None:
+        raise UserError('--wandb needs the wandb package: pip install wandb (or drop --wandb)')
     return opt
