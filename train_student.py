@@ -135,10 +135,13 @@ def build_trainer(opt, device):
         opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
     optimizer = optim.SGD(list(model_s.parameters()) + list(distiller.parameters()), lr=opt.learning_rate,
                           momentum=opt.momentum, weight_decay=opt.weight_decay)
-    # the frozen teacher stays unwrapped; the memory banks of CRD are per-process buffers
-    train_s = wrap_ddp(model_s, device)
+    # the frozen teacher stays unwrapped; the memory banks of CRD start as rank 0's, then each process
+    # updates its own with the global batch
+    sync_bn = getattr(opt, 'sync_bn', False)
+    train_s = wrap_ddp(model_s, device, sync_bn=sync_bn)
     train_s = torch.compile(train_s) if opt.compile else train_s
-    objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False), opt)
+    objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False,
+                                                            sync_bn=sync_bn), opt)
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
     return Trainer(opt, objective, {'model': model_s, 'distiller': distiller}, train_s, optimizer,
                    train_loader, val_loader, device, train_sampler=train_sampler, file_prefix=opt.model_s,
