@@ -245,7 +245,8 @@ def _launch(opt, out_dir):
             for child in multiprocessing.active_children():
                 child.kill()
             thread.join(30)
-            outcome['error'] = 'the processes did not finish within {} s'.format(DEADLINE_S)
+            outcome['error'] = ('the processes did not finish within {} s: a collective waited for a process that '
+                                'had left it'.format(DEADLINE_S))
     finally:
         for fd, s in zip((1, 2), saved):
             os.dup2(s, fd)
@@ -276,7 +277,8 @@ def two(path_t):
         '--dist-url', 'tcp://127.0.0.1:{}'.format(_free_port())])
     opt.out_dir = out_dir
     outcome = _launch(opt, out_dir)
-    assert 'error' not in outcome, '{}\n{}'.format(outcome['error'], outcome['stderr'][-3000:])
+    assert 'error' not in outcome, '{}\n{}\n{}'.format(outcome['error'], outcome['stdout'][-2000:],
+                                                       outcome['stderr'][-3000:])
     results = torch.load(out_dir / 'results.pth', weights_only=False) if (out_dir / 'results.pth').exists() else None
     assert results is not None, outcome['stderr'][-3000:]
     outcome['ranks'] = results
