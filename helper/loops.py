@@ -146,8 +146,9 @@ def _across_processes(t, op):
 def train_step(objective, optimizer, x, batch, opt, device, scaler=None):
     """Forward, backward and optimiser step of one batch -> (loss, logits, terms), all on the device.
 
-    With ``--nan-policy skip`` a non-finite loss skips the update and returns Nones; knowing
-    that costs one host sync per step, so only that policy pays it.
+    With ``--nan-policy skip`` a non-finite loss on any process skips the update on all of them
+    and returns Nones; knowing that costs one host sync (and under DDP one all-reduce) per
+    step, so only that policy pays it.
     """
     with autocast(opt, device):
         loss, logits, terms = objective(x, batch)
