@@ -127,10 +127,13 @@ def build_trainer(opt, device):
         opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
     optimizer = optim.SGD(trainable(model_s, distiller), lr=opt.learning_rate,
                           momentum=opt.momentum, weight_decay=opt.weight_decay)
-    # the frozen teacher stays unwrapped; the memory banks of CRD are per-process buffers
-    train_s = wrap_ddp(model_s, device)
+    # the frozen teacher stays unwrapped; the memory banks of CRD start as rank 0's, then each process
+    # updates its own with the global batch
+    sync_bn = getattr(opt, 'sync_bn', False)
+    train_s = wrap_ddp(model_s, device, sync_bn=sync_bn)
     train_s = torch.compile(train_s) if opt.compile else train_s
-    objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False), opt)
+    objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False,
+                                                            sync_bn=sync_bn), opt)
     eval_model = StudentPredictor(train_s, distiller) if method.changes_prediction else train_s
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
 

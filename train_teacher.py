@@ -50,7 +50,7 @@ def worker(opt):
         model = model.to(memory_format=torch.channels_last)
     optimizer = optim.SGD(model.parameters(), lr=opt.learning_rate, momentum=opt.momentum,
                           weight_decay=opt.weight_decay)
-    train_model = wrap_ddp(model, device)
+    train_model = wrap_ddp(model, device, sync_bn=getattr(opt, 'sync_bn', False))
     train_model = torch.compile(train_model) if opt.compile else train_model
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
     trainer = Trainer(opt, ClassifierObjective(train_model), {'model': model}, train_model, optimizer,

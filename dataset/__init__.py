@@ -53,6 +53,24 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+def data_order_seed(opt):
+    """The seed of the training order: ``--seed``; else the one the processes of a run share
+    (``opt.data_seed``, drawn on rank 0 by helper.distributed); else a fresh draw (trials must differ
+    when no seed is given)."""
+    for seed in (getattr(opt, 'seed', None), getattr(opt, 'data_seed', None)):
+        if seed is not None:
+            return int(seed)
+    return int(torch.randint(0, 2 ** 31 - 1, ()).item())
+
+
+def pin_memory(opt):
+    """Pinned host memory only for a process that trains on a GPU (pinning creates a CUDA context)."""
+    device = getattr(opt, 'device', None)
+    if device is None:
+        return torch.cuda.is_available() and not getattr(opt, 'cpu_procs', 0)
+    return torch.device(device).type == 'cuda'
+
+
 def get_dataloaders(opt, data_mode='plain', drop_last=False):
     """-> (train_loader, val_loader, train_sampler, n_data).
 
@@ -75,11 +93,7 @@ def get_dataloaders(opt, data_mode='plain', drop_last=False):
     train_set, val_set = build_datasets(opt, data_mode)
     batch_size = int(opt.batch_size)
     num_workers = int(getattr(opt, 'num_workers', 0) or 0)
-    seed = getattr(opt, 'seed', None)
-    if seed is None:
-        # trials must differ when no seed is given; draw one from torch's (unseeded) generator
-        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
-
+    seed = data_order_seed(opt)
     world_size, rank = (int(opt.world_size), int(opt.rank)) if getattr(opt, 'distributed', False) else (1, 0)
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=int(seed))
     val_sampler = ShardSampler(len(val_set), world_size, rank) if world_size > 1 else None
@@ -90,7 +104,7 @@ def get_dataloaders(opt, data_mode='plain', drop_last=False):
         raise UserError('the training set gives %d images per process, fewer than one batch of --batch_size %d '
                         '(this method drops incomplete batches); lower --batch_size' % (per_replica, batch_size))
 
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory(opt),
                   persistent_workers=num_workers > 0)
     train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=drop_last, **common)
     val_loader = DataLoader(val_set, shuffle=False, sampler=val_sampler, **common)

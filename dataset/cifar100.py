@@ -236,6 +236,12 @@ class CIFAR100InstanceSample(CIFAR100):
 def build_datasets(opt, data_mode):
     """-> (train_set, val_set) for ``get_dataloaders``."""
     root = getattr(opt, 'data_folder', None) or './data'
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # one download: processes writing the same archive at once would corrupt it
+        if dist.get_rank() == 0:
+            ensure_downloaded(root)
+        dist.barrier()
     ensure_downloaded(root)
     if data_mode == 'crd':
         train_set = CIFAR100InstanceSample(root, train=True, transform=train_transform(),

@@ -242,7 +242,7 @@ def get_gpu_dataloaders(opt, data_mode='plain', drop_last=False):
     """``get_dataloaders`` for ``--gpu_loader``: -> (train_loader, val_loader, train_loader, n_data)."""
     from torch.utils.data import DataLoader
 
-    from dataset import ShardSampler, build_datasets
+    from dataset import ShardSampler, build_datasets, data_order_seed, pin_memory
 
     if opt.dataset not in GPU_LOADER_DATASETS:
         raise UserError('--gpu_loader holds CIFAR-sized training sets (%s) in device memory, not %s; drop '
@@ -251,10 +251,7 @@ def get_gpu_dataloaders(opt, data_mode='plain', drop_last=False):
         raise UserError('--gpu_loader and --dali are two different data paths; choose one')
     train_set, val_set = build_datasets(opt, 'plain')
     device = run_device(opt)
-    seed = getattr(opt, 'seed', None)
-    if seed is None:
-        # trials must differ when no seed is given, as with the standard loader
-        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    seed = data_order_seed(opt)  # the same on every process, as with the standard loader
     world_size, rank = (int(opt.world_size), int(opt.rank)) if getattr(opt, 'distributed', False) else (1, 0)
     batch_size = int(opt.batch_size)
 
@@ -271,6 +268,6 @@ def get_gpu_dataloaders(opt, data_mode='plain', drop_last=False):
     num_workers = int(getattr(opt, 'num_workers', 0) or 0)
     val_sampler = ShardSampler(len(val_set), world_size, rank) if world_size > 1 else None
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, sampler=val_sampler,
-                            num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                            num_workers=num_workers, pin_memory=pin_memory(opt),
                             persistent_workers=num_workers > 0)
     return train_loader, val_loader, train_loader, len(train_set)

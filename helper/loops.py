@@ -209,23 +209,44 @@ class _NonFiniteWatch:
         self.bad_terms = torch.where(new, bad, self.bad_terms)
 
     def check(self, epoch):
-        step = int(self.first_step)
-        if step >= 0:
-            names = [n for n, b in zip(self.names, self.bad_terms.tolist()) if b] or ['loss']
+        never = torch.iinfo(torch.long).max
+        first = torch.where(self.first_step < 0, never, self.first_step).view(1)
+        bad = self.bad_terms.long() if self.bad_terms is not None else first.new_zeros(0)
+        # one verdict for all processes (one that stopped alone would leave the others waiting in a
+        # collective): the earliest bad step and the terms that failed anywhere, in one MIN-reduction
+        facts = torch.cat([first, -bad])
+        if _distributed():
+            facts = _across_processes(facts, torch.distributed.ReduceOp.MIN)
+        step = int(facts[0])
+        if step != never:
+            names = [n for n, b in zip(self.names or [], (-facts[1:]).tolist()) if b] or ['loss']
             raise NonFiniteLoss('loss became non-finite at epoch {} step {} (term: {}); the last good checkpoint '
                                 'is kept — lower the learning rate or -b, or try --nan-policy skip'
                                 .format(epoch, step, ', '.join(names)))
 
 
+def _distributed():
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _across_processes(t, op):
+    """``t`` reduced with ``op`` over the processes of a DDP run."""
+    t = t.clone()
+    torch.distributed.all_reduce(t, op=op)
+    return t
+
+
 def train_step(objective, optimizer, x, batch, opt, device, scaler=None):
     """Forward, backward and optimiser step of one batch -> (loss, logits, terms), all on the device.
 
-    With ``--nan-policy skip`` a non-finite loss skips the update and returns Nones; knowing
-    that costs one host sync per step, so only that policy pays it.
+    With ``--nan-policy skip`` a non-finite loss on any process skips the update on all of them
+    and returns Nones; knowing that costs one host sync (and under DDP one all-reduce) per
+    step, so only that policy pays it.
     """
     with autocast(opt, device):
         loss, logits, terms = objective(x, batch)
-    if getattr(opt, 'nan_policy', 'stop') == 'skip' and not bool(torch.isfinite(loss)):
+    if getattr(opt, 'nan_policy', 'stop') == 'skip' and _skip(loss):
         optimizer.zero_grad(set_to_none=True)
         return None, None, None
     optimizer.zero_grad(set_to_none=True)
@@ -245,6 +266,15 @@ def train_step(objective, optimizer, x, batch, opt, device, scaler=None):
     return loss, logits, terms
 
 
+def _skip(loss):
+    """Whether the step is skipped: its loss is not finite on this process or on any other (under DDP every
+    process must skip together, or gradient all-reduces of different steps would pair up)."""
+    bad = (~torch.isfinite(loss.detach())).any().long().view(1)
+    if _distributed():
+        bad = _across_processes(bad, torch.distributed.ReduceOp.MAX)
+    return bool(bad)
+
+
 def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, log=print, n_steps=None,
                 eta_epochs_left=0, label='Epoch'):
     """Train one epoch; returns dict(train_acc, train_acc_top5, train_loss, data_time_s, epoch_time_s,
@@ -257,7 +287,7 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
     skipped = 0
     data_time = 0.0
     start = time.time()
-    mark_time, mark_step = start, 0
+    mark_time, mark_step, mark_seen = start, 0, 0
     end = start
     for idx, data in enumerate(loader):
         data_time += time.time() - end
@@ -284,14 +314,15 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
             step_time = (now - mark_time) / max(idx + 1 - mark_step, 1)
             steps_left = n_steps - idx - 1
             eta = step_time * (steps_left + eta_epochs_left * n_steps)
+            # images over time since the last line: a short last batch does not pass for a slow one
+            img_per_s = (n_seen - mark_seen) / max(now - mark_time, 1e-9)
             log('{} [{}][{}/{}]  loss {:.4f}{}  acc@1 {:.2f}  acc@5 {:.2f}  {:.0f} img/s  data {:.0f}%  '
                 'ETA epoch {} / run {}'.format(
-                    label, epoch, idx + 1, n_steps, avg_loss, term_meter.brief(), top1, top5,
-                    x.size(0) / max(step_time, 1e-9),
+                    label, epoch, idx + 1, n_steps, avg_loss, term_meter.brief(), top1, top5, img_per_s,
                     100.0 * data_time / max(now - start, 1e-9), format_eta(step_time * steps_left),
                     format_eta(eta)))
             sys.stdout.flush()
-            mark_time, mark_step = now, idx + 1
+            mark_time, mark_step, mark_seen = now, idx + 1, n_seen
         end = time.time()
     watch.check(epoch)
     meter.all_reduce()

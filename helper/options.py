@@ -87,6 +87,8 @@ def finish_common(opt, model_name_for_lr):
     opt.lr_decay_epochs = decay
     if opt.learning_rate is None:
         opt.learning_rate = 0.01 if model_name_for_lr in LOW_LR_MODELS else 0.05
+    if not opt.learning_rate > 0:
+        raise UserError('--learning_rate must be positive (got {})'.format(opt.learning_rate))
     if opt.seed is None and opt.deterministic:
         opt.seed = 12345
     opt.num_workers = max(0, min(opt.num_workers, os.cpu_count() or 1))

@@ -14,7 +14,11 @@ from helper.util import (adjust_learning_rate, rng_state, save_checkpoint, save_
 
 
 def setup_device(opt):
-    """The process's device (GPU ``local_rank``, or the CPU when there is none); seeds the RNGs."""
+    """The process's device (its GPU, or the CPU when there is none); seeds the RNGs.
+
+    With ``--seed`` process r is seeded with seed + r: data-loader workers, augmentation and
+    sampling then differ across processes (DDP gives all of them rank 0's initial weights).
+    """
     distributed = getattr(opt, 'distributed', False)
     if opt.gpu_id is not None and not distributed:
         os.environ['CUDA_VISIBLE_DEVICES'] = opt.gpu_id
@@ -26,14 +30,18 @@ def setup_device(opt):
         if len(ids) > 1:
             raise UserError('--gpu_id {} names several GPUs; add --multiprocessing-distributed to train on all of '
                             'them, or name one GPU'.format(opt.gpu_id))
-    if torch.cuda.is_available() and getattr(opt, 'cpu_procs', 0) == 0:
-        device = torch.device('cuda', getattr(opt, 'local_rank', 0))
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = not opt.deterministic
+    if distributed and getattr(opt, 'device', None) is not None:
+        device = torch.device(opt.device)  # chosen by helper.distributed before the process group started
+    elif torch.cuda.is_available() and getattr(opt, 'cpu_procs', 0) == 0:
+        device = torch.device('cuda', 0)
     else:
         device = torch.device('cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not opt.deterministic
+    opt.device = str(device)
     if opt.seed is not None:
-        set_seed(opt.seed, opt.deterministic)
+        set_seed(opt.seed + getattr(opt, 'rank', 0), opt.deterministic)
     return device
 
 
@@ -130,7 +138,7 @@ class Trainer:
 
     def _full_state(self, epoch, acc):
         state = self._lean_state(epoch, acc)
-        state.update(optimizer=self.optimizer.state_dict(), best_epoch=self.best_epoch, rng=rng_state(),
+        state.update(optimizer=self.optimizer.state_dict(), best_epoch=self.best_epoch, rng=self.rng,
                      data_seed=getattr(self.train_sampler, 'seed', None),
                      scaler=self.scaler.state_dict() if self.scaler is not None else None,
                      init_epoch=self.init_done)
@@ -193,6 +201,7 @@ class Trainer:
                 self.log(' * epoch {}  train acc@1 {:.2f}  test acc@1 {:.2f}  acc@5 {:.2f}  loss {:.4f}  ({:.1f} s)'
                          .format(epoch, train['train_acc'], test_acc, test_acc_top5, test_loss,
                                  train['epoch_time_s']))
+                self.rng = rng_state()  # a gather under DDP: every process takes part
                 if main:
                     self._end_of_epoch(epoch, lr, train, test_acc, test_acc_top5, test_loss, runlog)
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -219,6 +228,7 @@ class Trainer:
             self.log(' * init epoch {}/{}  loss {:.4f} ({})  ({:.1f} s)'.format(
                 k, self.init_epochs, train['train_loss'], terms, train['epoch_time_s']))
             self.init_done = k
+            self.rng = rng_state()  # a gather under DDP: every process takes part
             if is_main(opt):
                 save_checkpoint(self._full_state(0, 0.0), self._path('{}_last.pth'.format(self.prefix)))
             if torch.distributed.is_available() and torch.distributed.is_initialized():

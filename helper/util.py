@@ -3,6 +3,7 @@ import json
 import os
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -174,17 +175,60 @@ def set_seed(seed, deterministic=False):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def rng_state():
-    """Every RNG a run draws from, in a form torch.save/torch.load round-trip."""
+def _rank_and_world():
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _own_rng_state():
     state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    # only the GPU this process drew from; a process that never touched CUDA has no CUDA stream to keep
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
+def rng_state():
+    """Every RNG this process draws from, in a form torch.save/torch.load round-trip.
+
+    Under DDP a collective: every process's state, gathered into ``{'world_size': W, 'ranks':
+    [state of rank 0, ...]}`` on all of them (rank 0 writes it into the checkpoint).
+    """
+    rank, world = _rank_and_world()
+    if world == 1:
+        return _own_rng_state()
+    states = [None] * world
+    torch.distributed.all_gather_object(states, _own_rng_state())
+    return {'world_size': world, 'ranks': states}
+
+
 def set_rng_state(state):
+    """Restore what ``rng_state`` saved: under DDP each process takes its own rank's state.
+
+    A checkpoint of another number of processes cannot give each process its stream: then the
+    streams stay as they are (seeded, or fresh), with a warning that the run is not bit-exact.
+    """
+    rank, world = _rank_and_world()
+    saved_world = state.get('world_size', 1)
+    if saved_world != world:
+        warnings.warn('the checkpoint holds the random state of {} process(es) and this run has {}: the random '
+                      'streams are not restored, so the run continues as an uninterrupted one would only '
+                      'statistically'.format(saved_world, world))
+        return
+    if 'ranks' in state:
+        state = state['ranks'][rank]
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state.get('cuda')
+    if cuda is None or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if isinstance(cuda, (list, tuple)):
+        # a checkpoint of an older version: the states of every GPU it saw; ours if it saw it
+        if device >= len(cuda):
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(cuda, device)
