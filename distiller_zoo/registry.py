@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 DISTILLERS = {}
+DEFAULT_TERM = 'kd'  # the name under which a method's single-tensor loss is logged (loss_kd)
 
 
 def register(name):
@@ -90,8 +91,9 @@ class Distiller(nn.Module):
 
     @classmethod
     def view_transform(cls, dataset):
-        """The augmentation of the extra views (``extra_views > 0``); ``None``: the training
-        transform of ``dataset``."""
+        """The augmentation of the extra views (``extra_views > 0``) for ``--dataset`` ``dataset``
+        (its name), applied to the data set's un-augmented image; ``None``: another draw of the
+        data set's own training augmentation."""
         return None
 
     def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):

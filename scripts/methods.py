@@ -5,7 +5,8 @@ The facts live in each method's file (``distiller_zoo/<Name>.py``); this script 
 for the sweep, the README and people:
 
     python scripts/methods.py              # a plain table
-    python scripts/methods.py --weights    # 'name gamma alpha beta' per line (scripts/run_cifar_distill.sh)
+    python scripts/methods.py --weights    # for scripts/run_cifar_distill.sh, one line per method (pair '*')
+                                           # and per pair override: 'name teacher:student gamma alpha beta [flags]'
     python scripts/methods.py --markdown   # the README's method table
 """
 import argparse
@@ -34,19 +35,33 @@ def markdown():
     return '\n'.join(lines)
 
 
+def weight_lines():
+    """The method's reference weights, then each of its per-pair overrides (weights and flags)."""
+    from distiller_zoo import DISTILLERS, reference_weights
+    lines = []
+    for name, cls in DISTILLERS.items():
+        pairs = [('*', None, None)] + [('{}:{}'.format(t, s), t, s) for t, s in cls.pair_weights]
+        for label, t, s in pairs:
+            w = reference_weights(name, t, s)
+            flags = ['--{} {}'.format(k, v) for k, v in (cls.pair_weights.get((t, s)) or {}).items()
+                     if k not in ('gamma', 'alpha', 'beta')]
+            lines.append(' '.join([name, label, number(w['gamma']), number(w['alpha']), number(w['beta'])] + flags))
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group()
-    what.add_argument('--weights', action='store_true', help="one line 'name gamma alpha beta' per method")
+    what.add_argument('--weights', action='store_true',
+                      help="lines 'name pair gamma alpha beta [--flag value ...]', pair '*' or teacher:student")
     what.add_argument('--markdown', action='store_true', help="the README's method table")
     args = parser.parse_args(argv)
     from distiller_zoo import method_table
     if args.markdown:
         print(markdown())
     elif args.weights:
-        for name, row in method_table().items():
-            w = row['weights']
-            print(name, number(w['gamma']), number(w['alpha']), number(w['beta']))
+        for line in weight_lines():
+            print(line)
     else:
         for name, row in method_table().items():
             w = row['weights']
