@@ -266,6 +266,13 @@ def test_interrupted_init_stage_resumes_and_a_finished_one_is_skipped(full_run, 
 
 # ---------------------------------------------------------------------------- facts in one place
 
+def test_scripts_read_the_facts_the_registry_holds():
+    from scripts.methods import read_methods
+    registered = {name: row for name, row in method_table().items() if name != 'toy'}  # toy: this file only
+    assert read_methods() == registered
+    assert list(read_methods()) == list(registered)  # registration order: the sweep's and the tables' order
+
+
 def test_readme_method_table_is_the_generated_one():
     import subprocess
     import sys
@@ -278,7 +285,7 @@ def test_readme_method_table_is_the_generated_one():
     in_readme = readme.split(README_BEGIN)[1].split(README_END)[0].strip()
     assert in_readme == generated, 'regenerate the README table: python scripts/methods.py --markdown'
     for name, row in method_table().items():
-        if name != 'toy':  # registered by this file only
+        if name != 'toy':
             assert '| {} | {} |'.format(name, row['display_name']) in in_readme
 
 
@@ -294,11 +301,22 @@ def test_method_flags_live_with_their_methods_and_shared_ones_are_declared_once(
         shared_argument(parser, '--feat_dim', type=int, default=64)
 
 
-def test_pair_weights_reach_the_sweep(toy, monkeypatch):
-    from scripts.methods import weight_lines
-    monkeypatch.setattr(Toy, 'pair_weights', {('resnet32x4', 'resnet8x4'): {'beta': 2, 'toy_fail_at': 3}})
-    lines = [line for line in weight_lines() if line.startswith('toy ')]
-    assert lines == ['toy * 1 1 0.5', 'toy resnet32x4:resnet8x4 1 1 2 --toy_fail_at 3']
+def test_pair_weights_reach_the_sweep(tmp_path):
+    from scripts.methods import read_methods, weight_lines
+    # a copy of distiller_zoo/ with one more method that has per-pair weights and flags
+    import shutil
+    zoo = tmp_path / 'distiller_zoo'
+    shutil.copytree(os.path.join(REPO, 'distiller_zoo'), zoo, ignore=shutil.ignore_patterns('__pycache__'))
+    (zoo / '__init__.py').write_text((zoo / '__init__.py').read_text().replace(
+        "_METHODS = {", "_METHODS = {\n    'Toy2': [],"))
+    (zoo / 'Toy2.py').write_text(
+        "from .KD import KDDistiller\nfrom .registry import register\n\n\n@register('toy2')\n"
+        "class Toy2(KDDistiller):\n    weights = {'beta': 0.5}\n"
+        "    pair_weights = {('resnet32x4', 'resnet8x4'): {'beta': 2, 'hint_layer': 3}}\n")
+    table = read_methods(str(tmp_path))
+    assert table['toy2']['display_name'] == 'KD' and table['toy2']['source'] == table['kd']['source']  # inherited
+    lines = [line for line in weight_lines(table) if line.startswith('toy2 ')]
+    assert lines == ['toy2 * 1 1 0.5', 'toy2 resnet32x4:resnet8x4 1 1 2 --hint_layer 3']
 
 
 # ---------------------------------------------------------------------------- the data-set wrapper
