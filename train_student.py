@@ -104,8 +104,9 @@ def build_trainer(opt, device):
 
     model_t = load_teacher(opt.path_t, opt.model_t, n_cls, opt.dataset)
     model_s = build_model(opt.model_s, n_cls, dataset=opt.dataset)
-    train_loader, val_loader, train_sampler, n_data = get_dataloaders(opt, data_mode=method.data_mode,
-                                                                      drop_last=method.drop_last)
+    train_loader, val_loader, train_sampler, n_data = get_dataloaders(
+        opt, data_mode=method.data_mode, drop_last=method.drop_last, extra_views=method.extra_views,
+        view_transform=method.view_transform(opt.dataset) if method.extra_views else None)
     opt.n_data = n_data
 
     # one probe forward tells the method the feature shapes it adapts between

@@ -2,7 +2,8 @@
 
 Train batches by ``data_mode``: ``'plain'`` (x, y); ``'instance'`` (x, y, index) for methods with a memory
 bank; ``'crd'`` (x, y, index, contrast_idx) with contrast_idx LongTensor [B, nce_k + 1], column 0 the positive.
-Validation batches are always (x, y).
+With ``extra_views > 0`` a batch is a dict ``{'input', 'target', ..., 'views': [x2, ...]}``. One wrapper,
+``dataset.wrappers.MethodData``, adds all of this to every data set. Validation batches are always (x, y).
 """
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -11,6 +12,9 @@ from helper.errors import UserError
 
 NUM_CLASSES = {'cifar100': 100, 'synthetic': 100, 'imagenet': 1000, 'imagenette': 10}
 DATA_MODES = ('plain', 'instance', 'crd')
+# CRD's negatives with replacement, as the reference's ImageFolder variant (a draw without replacement
+# would shuffle 1.28 M indices per image); without, unless k exceeds them, on the CIFAR-sized sets
+CRD_WITH_REPLACEMENT = ('imagenet', 'imagenette')
 
 
 def image_size(dataset):
@@ -19,8 +23,9 @@ def image_size(dataset):
     return 224 if dataset in ('imagenet', 'imagenette') else 32
 
 
-def build_datasets(opt, data_mode='plain'):
-    """-> (train_set, val_set) for ``opt.dataset``."""
+def build_datasets(opt, data_mode='plain', extra_views=0, view_transform=None):
+    """-> (train_set, val_set) for ``opt.dataset``; the training set carries what ``data_mode`` and
+    ``extra_views`` ask for."""
     if opt.dataset not in NUM_CLASSES:
         raise UserError('unknown --dataset %r; choose one of %s' % (opt.dataset, ', '.join(NUM_CLASSES)))
     if data_mode not in DATA_MODES:
@@ -28,12 +33,19 @@ def build_datasets(opt, data_mode='plain'):
     # imported here so that a CIFAR run never imports the ImageNet code and its dependencies, and back
     if opt.dataset == 'cifar100':
         from dataset import cifar100
-        return cifar100.build_datasets(opt, data_mode)
-    if opt.dataset == 'synthetic':
+        train_set, val_set = cifar100.build_datasets(opt)
+    elif opt.dataset == 'synthetic':
         from dataset import synthetic
-        return synthetic.build_datasets(opt, data_mode)
-    from dataset import imagenet
-    return imagenet.build_datasets(opt, data_mode, NUM_CLASSES[opt.dataset])
+        train_set, val_set = synthetic.build_datasets(opt)
+    else:
+        from dataset import imagenet
+        train_set, val_set = imagenet.build_datasets(opt, NUM_CLASSES[opt.dataset])
+    if data_mode != 'plain' or extra_views:
+        from dataset.wrappers import MethodData
+        train_set = MethodData(train_set, data_mode, k=getattr(opt, 'nce_k', 16384), mode=getattr(opt, 'mode', 'exact'),
+                               replace=True if opt.dataset in CRD_WITH_REPLACEMENT else None,
+                               extra_views=extra_views, view_transform=view_transform)
+    return train_set, val_set
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -71,7 +83,7 @@ def pin_memory(opt):
     return torch.device(device).type == 'cuda'
 
 
-def get_dataloaders(opt, data_mode='plain', drop_last=False):
+def get_dataloaders(opt, data_mode='plain', drop_last=False, extra_views=0, view_transform=None):
     """-> (train_loader, val_loader, train_sampler, n_data).
 
     The training order comes from a sampler whose ``set_epoch(epoch)`` fixes the
@@ -79,7 +91,7 @@ def get_dataloaders(opt, data_mode='plain', drop_last=False):
     order an uninterrupted one would; the training loop calls it every epoch. In a
     distributed run it is a DistributedSampler over the processes (validation uses
     unpadded shards). ``n_data`` is the number of training samples. ``drop_last`` applies
-    to the train loader only.
+    to the train loader only. ``extra_views``/``view_transform``: the method's extra augmented views.
 
     With ``--gpu_loader`` (CIFAR-100, synthetic) the training set lives on the device and the
     train loader, which is also the ``train_sampler``, augments whole batches there
@@ -87,10 +99,10 @@ def get_dataloaders(opt, data_mode='plain', drop_last=False):
     """
     if getattr(opt, 'gpu_loader', False):
         from dataset.gpu_loader import get_gpu_dataloaders
-        return get_gpu_dataloaders(opt, data_mode, drop_last)
+        return get_gpu_dataloaders(opt, data_mode, drop_last, extra_views, view_transform)
     if getattr(opt, 'dali', None):
-        return _dali_loaders(opt, data_mode, drop_last)
-    train_set, val_set = build_datasets(opt, data_mode)
+        return _dali_loaders(opt, data_mode, drop_last, extra_views)
+    train_set, val_set = build_datasets(opt, data_mode, extra_views, view_transform)
     batch_size = int(opt.batch_size)
     num_workers = int(getattr(opt, 'num_workers', 0) or 0)
     seed = data_order_seed(opt)
@@ -111,12 +123,14 @@ def get_dataloaders(opt, data_mode='plain', drop_last=False):
     return train_loader, val_loader, train_sampler, len(train_set)
 
 
-def _dali_loaders(opt, data_mode, drop_last):
+def _dali_loaders(opt, data_mode, drop_last, extra_views=0):
     if opt.dataset not in ('imagenet', 'imagenette'):
         raise UserError('--dali reads ImageNet-style folders; drop --dali for --dataset %s' % opt.dataset)
     if data_mode != 'plain':
         raise UserError('--dali cannot give the sample indices this method needs (%s batches); drop --dali'
                         % data_mode)
+    if extra_views:
+        raise UserError('--dali cannot give the extra augmented views this method needs; drop --dali')
     from dataset.imagenet_dali import get_dali_dataloaders
     train_loader, val_loader, n_data = get_dali_dataloaders(opt, drop_last=drop_last)
     return train_loader, val_loader, None, n_data

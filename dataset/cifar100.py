@@ -5,15 +5,13 @@ MD5 on every load, which rejects re-packed copies and small test files. Here a f
 structure (a pickled dict with ``data`` [N, 3072] uint8 and ``fine_labels`` in 0..99); checksums are checked
 only when we download the archive.
 
-Three data sets, as in RepDistiller: ``CIFAR100`` gives ``(img, target)``, ``CIFAR100Instance`` adds the
-sample's index (for methods with a memory bank) and ``CIFAR100InstanceSample`` adds CRD's contrast indices.
-``ContrastSampler`` draws those indices; the synthetic and ImageFolder data sets reuse it.
+``CIFAR100`` gives ``(img, target)``; the sample indices and CRD's contrast indices that RepDistiller's
+``CIFAR100Instance``/``CIFAR100InstanceSample`` add come from ``dataset.wrappers.MethodData``, for every data set.
 """
 import os
 import pickle
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -123,55 +121,6 @@ def load_class_names(root):
     return [n.decode('latin1') if isinstance(n, bytes) else str(n) for n in names]
 
 
-class ContrastSampler:
-    """CRD's contrast indices for one sample: ``[positive, k negatives]`` as a LongTensor of length k + 1.
-
-    Semantics of RepDistiller's ``CIFAR100InstanceSample``: the positive is the sample itself (``'exact'``) or a
-    random sample of its class (``'relax'``); negatives are drawn uniformly from the samples of every other
-    class, without replacement unless k exceeds their number (``replace=None``), or always with replacement
-    (``replace=True``, as the reference's ImageFolder variant does).
-
-    The reference materialises one negative list per class (O(N * classes) Python work, and ragged arrays
-    that numpy >= 1.24 refuses when classes are unbalanced). Here the samples are sorted by class once; the
-    negatives of class c are that order with c's block left out, so a draw is k positions in
-    [0, N - n_c) shifted past the block.
-    """
-
-    def __init__(self, labels, k, mode='exact', replace=None):
-        if mode not in ('exact', 'relax'):
-            raise UserError("--mode must be 'exact' or 'relax', got %r" % (mode,))
-        if int(k) < 1:
-            raise UserError('--nce_k must be at least 1, got %r' % (k,))
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        if labels.numel() and labels.min() < 0:
-            raise ValueError('labels must be non-negative')
-        self.k = int(k)
-        self.mode = mode
-        self.replace = replace
-        self.n = labels.numel()
-        self.order = torch.argsort(labels, stable=True)
-        self.count = torch.bincount(labels)
-        self.start = torch.cumsum(self.count, 0) - self.count
-
-    def __call__(self, index, target):
-        start, count = int(self.start[target]), int(self.count[target])
-        n_neg = self.n - count
-        if n_neg == 0:
-            raise UserError('CRD needs samples from at least two classes; every training sample has label %d'
-                            % target)
-        replace = self.k > n_neg if self.replace is None else self.replace
-        if replace:
-            pos_in_neg = torch.randint(n_neg, (self.k,))
-        else:
-            pos_in_neg = torch.randperm(n_neg)[:self.k]
-        negatives = self.order[pos_in_neg + count * (pos_in_neg >= start)]
-        if self.mode == 'exact':
-            positive = int(index)
-        else:
-            positive = int(self.order[start + int(torch.randint(count, ()))])
-        return torch.cat([torch.tensor([positive]), negatives])
-
-
 class CIFAR100(Dataset):
     """CIFAR-100 split held in memory as uint8 [N, 32, 32, 3]; items are ``(transform(PIL image), label)``."""
 
@@ -204,36 +153,7 @@ class CIFAR100(Dataset):
         return self._load(index)
 
 
-class CIFAR100Instance(CIFAR100):
-    """Items are ``(img, label, index)``."""
-
-    def __getitem__(self, index):
-        img, target = self._load(index)
-        return img, target, index
-
-
-class CIFAR100InstanceSample(CIFAR100):
-    """Items are ``(img, label, index, contrast_idx)`` with ``contrast_idx`` LongTensor [k + 1] (see
-    ``ContrastSampler``), or ``(img, label, index)`` when ``is_sample`` is False."""
-
-    def __init__(self, root, train=True, transform=None, target_transform=None, download=False,
-                 k=4096, mode='exact', is_sample=True):
-        super().__init__(root, train=train, transform=transform, target_transform=target_transform,
-                         download=download)
-        self.k = k
-        self.mode = mode
-        self.is_sample = is_sample
-        self.sampler = ContrastSampler(self.targets, k, mode)
-
-    def __getitem__(self, index):
-        img, target = self._load(index)
-        if not self.is_sample:
-            return img, target, index
-        # sample by the true label, not a target_transform'ed one
-        return img, target, index, self.sampler(index, self.targets[index])
-
-
-def build_datasets(opt, data_mode):
+def build_datasets(opt):
     """-> (train_set, val_set) for ``get_dataloaders``."""
     root = getattr(opt, 'data_folder', None) or './data'
     dist = torch.distributed
@@ -243,12 +163,6 @@ def build_datasets(opt, data_mode):
             ensure_downloaded(root)
         dist.barrier()
     ensure_downloaded(root)
-    if data_mode == 'crd':
-        train_set = CIFAR100InstanceSample(root, train=True, transform=train_transform(),
-                                           k=getattr(opt, 'nce_k', 16384), mode=getattr(opt, 'mode', 'exact'))
-    elif data_mode == 'instance':
-        train_set = CIFAR100Instance(root, train=True, transform=train_transform())
-    else:
-        train_set = CIFAR100(root, train=True, transform=train_transform())
+    train_set = CIFAR100(root, train=True, transform=train_transform())
     val_set = CIFAR100(root, train=False, transform=test_transform())
     return train_set, val_set

@@ -25,9 +25,10 @@ What each epoch sees, and why:
   Quantising them to uint8 would change the data the standard loader gives. The padding is zero, i.e. the mean
   colour, as ``dataset.synthetic.random_crop_flip`` pads.
 
-Batches are the standard loaders' tuples, already on the device: ``(x, y)``, ``(x, y, index)`` or
-``(x, y, index, contrast_idx)`` with ``x`` float32 [B, 3, 32, 32], ``y`` and ``index`` int64 [B] and
-``contrast_idx`` int64 [B, nce_k + 1] (column 0 the positive). No step synchronises with the host.
+Batches are in the standard loaders' layout (``dataset.wrappers.layout``), already on the device: ``(x, y)``,
+``(x, y, index)`` or ``(x, y, index, contrast_idx)`` with ``x`` float32 [B, 3, 32, 32], ``y`` and ``index`` int64
+[B] and ``contrast_idx`` int64 [B, nce_k + 1] (column 0 the positive); with extra views a dict whose ``'views'``
+are more draws of the same augmentation. No step synchronises with the host.
 """
 import math
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataset.wrappers import layout
 from helper.errors import UserError
 
 PADDING = 4
@@ -62,7 +64,7 @@ def epoch_indices(n, seed, epoch, world_size=1, rank=0):
 class DeviceContrastSampler:
     """CRD's contrast indices for a whole batch, drawn on the device.
 
-    The semantics of ``dataset.cifar100.ContrastSampler`` (with ``replace=None``): column 0 is the positive (the
+    The semantics of ``dataset.wrappers.ContrastSampler`` (with ``replace=None``): column 0 is the positive (the
     sample itself for ``'exact'``, a random sample of its class for ``'relax'``); the other ``k`` columns are
     uniform draws from the samples of the other classes, without replacement unless ``k`` exceeds their number.
     A uniform k-subset without replacement is the k smallest of i.i.d. uniform keys; giving the sample's own
@@ -149,7 +151,8 @@ class GPULoader:
     """
 
     def __init__(self, images, targets, batch_size, seed, data_mode='plain', drop_last=False, world_size=1,
-                 rank=0, mean=None, std=None, nce_k=16384, mode='exact', dataset=None, padding=PADDING):
+                 rank=0, mean=None, std=None, nce_k=16384, mode='exact', dataset=None, padding=PADDING,
+                 extra_views=0):
         if data_mode not in ('plain', 'instance', 'crd'):
             raise ValueError("data_mode must be 'plain', 'instance' or 'crd', got %r" % (data_mode,))
         if int(batch_size) < 1:
@@ -161,6 +164,7 @@ class GPULoader:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.data_mode = data_mode
+        self.extra_views = int(extra_views)
         self.drop_last = drop_last
         self.world_size, self.rank = int(world_size), int(rank)
         self.padding = padding
@@ -210,12 +214,10 @@ class GPULoader:
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.augment(self.images[index], generator)
             y = self.targets[index]
-            if self.data_mode == 'plain':
-                yield x, y
-            elif self.data_mode == 'instance':
-                yield x, y, index
-            else:
-                yield x, y, index, self.contrast(index, y, generator)
+            contrast_idx = self.contrast(index, y, generator) if self.contrast is not None else None
+            views = ([self.augment(self.images[index], generator) for _ in range(self.extra_views)]
+                     if self.extra_views else None)
+            yield layout(self.data_mode, x, y, index, contrast_idx, views)
 
 
 def run_device(opt):
@@ -238,7 +240,7 @@ def _train_tensors(opt, train_set):
     return images, torch.as_tensor(train_set.targets, dtype=torch.long), None, None
 
 
-def get_gpu_dataloaders(opt, data_mode='plain', drop_last=False):
+def get_gpu_dataloaders(opt, data_mode='plain', drop_last=False, extra_views=0, view_transform=None):
     """``get_dataloaders`` for ``--gpu_loader``: -> (train_loader, val_loader, train_loader, n_data)."""
     from torch.utils.data import DataLoader
 
@@ -249,6 +251,9 @@ def get_gpu_dataloaders(opt, data_mode='plain', drop_last=False):
                         '--gpu_loader (use --dali for ImageNet)' % (', '.join(GPU_LOADER_DATASETS), opt.dataset))
     if getattr(opt, 'dali', None):
         raise UserError('--gpu_loader and --dali are two different data paths; choose one')
+    if extra_views and view_transform is not None:
+        raise UserError('--gpu_loader draws extra views with the training augmentation only, and this method '
+                        'augments them its own way; drop --gpu_loader')
     train_set, val_set = build_datasets(opt, 'plain')
     device = run_device(opt)
     seed = data_order_seed(opt)  # the same on every process, as with the standard loader
@@ -259,7 +264,7 @@ def get_gpu_dataloaders(opt, data_mode='plain', drop_last=False):
     train_loader = GPULoader(images.to(device), targets, batch_size, seed, data_mode=data_mode,
                              drop_last=drop_last, world_size=world_size, rank=rank, mean=mean, std=std,
                              nce_k=getattr(opt, 'nce_k', 16384), mode=getattr(opt, 'mode', 'exact'),
-                             dataset=train_set)
+                             dataset=train_set, extra_views=extra_views)
     if drop_last and train_loader.per_replica < batch_size:
         raise UserError('the training set gives %d images per process, fewer than one batch of --batch_size %d '
                         '(this method drops incomplete batches); lower --batch_size'

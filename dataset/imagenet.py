@@ -8,7 +8,6 @@ import os
 
 from torchvision import datasets, transforms
 
-from dataset.cifar100 import ContrastSampler
 from helper.errors import UserError
 
 MEAN = (0.485, 0.456, 0.406)
@@ -33,32 +32,6 @@ def test_transform():
     ])
 
 
-class ImageFolderInstance(datasets.ImageFolder):
-    """Items are ``(img, label, index)``."""
-
-    def __getitem__(self, index):
-        img, target = super().__getitem__(index)
-        return img, target, index
-
-
-class ImageFolderSample(datasets.ImageFolder):
-    """Items are ``(img, label, index, contrast_idx)`` (CRD), or ``(img, label, index)`` when ``is_sample`` is
-    False. As in the reference, negatives are drawn with replacement (a draw without replacement would
-    shuffle 1.28 M indices per image); ``mode`` 'relax' is offered as for CIFAR."""
-
-    def __init__(self, root, transform=None, target_transform=None, is_sample=True, k=4096, mode='exact'):
-        super().__init__(root, transform=transform, target_transform=target_transform)
-        self.k = k
-        self.is_sample = is_sample
-        self.sampler = ContrastSampler(self.targets, k, mode, replace=True) if is_sample else None
-
-    def __getitem__(self, index):
-        img, target = super().__getitem__(index)
-        if not self.is_sample:
-            return img, target, index
-        return img, target, index, self.sampler(index, self.targets[index])
-
-
 def find_root(data_folder, dataset):
     """The folder holding ``train/`` and ``val/``: ``<data_folder>/<dataset>`` if it has them, else
     ``<data_folder>``."""
@@ -81,17 +54,11 @@ def _open_folder(cls, folder, **kwargs):
                         % (folder, str(err).splitlines()[0])) from err
 
 
-def build_datasets(opt, data_mode, num_classes):
+def build_datasets(opt, num_classes):
     """-> (train_set, val_set) for ``get_dataloaders``."""
     root = find_root(getattr(opt, 'data_folder', None) or './data', opt.dataset)
     train_dir, val_dir = os.path.join(root, 'train'), os.path.join(root, 'val')
-    if data_mode == 'crd':
-        train_set = _open_folder(ImageFolderSample, train_dir, transform=train_transform(),
-                                 k=getattr(opt, 'nce_k', 16384), mode=getattr(opt, 'mode', 'exact'))
-    elif data_mode == 'instance':
-        train_set = _open_folder(ImageFolderInstance, train_dir, transform=train_transform())
-    else:
-        train_set = _open_folder(datasets.ImageFolder, train_dir, transform=train_transform())
+    train_set = _open_folder(datasets.ImageFolder, train_dir, transform=train_transform())
     val_set = _open_folder(datasets.ImageFolder, val_dir, transform=test_transform())
     if train_set.classes != val_set.classes:
         # labels are class folders' positions in sorted order, so differing lists would mislabel val

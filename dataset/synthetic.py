@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dataset.cifar100 import ContrastSampler
-
 NUM_CLASSES = 100
 TRAIN_SIZE = 5000
 VAL_SIZE = 1000
@@ -44,11 +42,10 @@ def random_crop_flip(img, padding=4):
 
 
 class SyntheticImages(Dataset):
-    """``size`` images of ``num_classes`` classes. Items by ``data_mode``: ``'plain'`` (x, y), ``'instance'``
-    (x, y, index), ``'crd'`` (x, y, index, contrast_idx) with contrast_idx from ``ContrastSampler(k, mode)``."""
+    """``size`` images of ``num_classes`` classes; items are ``(x, y)``. ``transform``, if given, replaces the
+    training augmentation (it receives the normalised CHW tensor)."""
 
-    def __init__(self, size, train=True, num_classes=NUM_CLASSES, seed=SEED, augment=None,
-                 data_mode='plain', k=16384, mode='exact'):
+    def __init__(self, size, train=True, num_classes=NUM_CLASSES, seed=SEED, augment=None, transform=None):
         if size < 1:
             raise ValueError('size must be positive')
         self.size = int(size)
@@ -56,14 +53,13 @@ class SyntheticImages(Dataset):
         self.num_classes = num_classes
         self.seed = int(seed)
         self.augment = train if augment is None else augment
-        self.data_mode = data_mode
+        self.transform = transform
         self.patterns = _class_patterns(num_classes, self.seed)
         split = 0 if train else 1
         g = torch.Generator().manual_seed(self.seed * 2 + split + 1)
         # every class equally often (up to one), in a shuffled order
         self.targets = (torch.arange(self.size) % num_classes)[torch.randperm(self.size, generator=g)].tolist()
         self.classes = ['pattern_%d' % c for c in range(num_classes)]
-        self.sampler = ContrastSampler(self.targets, k, mode) if data_mode == 'crd' else None
 
     def __len__(self):
         return self.size
@@ -79,24 +75,20 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, index):
         img = self.image(index)
-        if self.augment:
+        if self.transform is not None:
+            img = self.transform(img)
+        elif self.augment:
             img = random_crop_flip(img)
-        target = self.targets[index]
-        if self.data_mode == 'plain':
-            return img, target
-        if self.data_mode == 'instance':
-            return img, target, index
-        return img, target, index, self.sampler(index, target)
+        return img, self.targets[index]
 
 
-def build_datasets(opt, data_mode):
+def build_datasets(opt):
     """-> (train_set, val_set) for ``get_dataloaders``; sizes from ``opt.synthetic_train_size`` and
     ``opt.synthetic_val_size``, the data's seed from ``opt.synthetic_seed`` (not ``opt.seed``)."""
     seed = getattr(opt, 'synthetic_seed', None)
     seed = SEED if seed is None else seed
     train_size = getattr(opt, 'synthetic_train_size', None) or TRAIN_SIZE
     val_size = getattr(opt, 'synthetic_val_size', None) or VAL_SIZE
-    train_set = SyntheticImages(train_size, train=True, seed=seed, data_mode=data_mode,
-                                k=getattr(opt, 'nce_k', 16384), mode=getattr(opt, 'mode', 'exact'))
+    train_set = SyntheticImages(train_size, train=True, seed=seed)
     val_set = SyntheticImages(val_size, train=False, seed=seed)
     return train_set, val_set

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 DISTILLERS = {}
+DEFAULT_TERM = 'kd'  # the name under which a method's single-tensor loss is logged (loss_kd)
 
 
 def register(name):
@@ -66,7 +67,8 @@ class Distiller(nn.Module):
     trained with the student and saved in the student checkpoint; its buffers (e.g. CRD's
     memory bank) are saved too.
     """
-    # ---- facts, read by the sweep, the summary, the README table and the tests
+    # ---- facts, read by the sweep, the summary, the README table and the tests; write them as
+    # literals in the class body (scripts/methods.py reads them from the source, without torch)
     name = None              # the --distill name, set by @register
     display_name = None      # table row label, e.g. 'FitNet'
     source = ''              # the reference code it was checked against
@@ -90,8 +92,9 @@ class Distiller(nn.Module):
 
     @classmethod
     def view_transform(cls, dataset):
-        """The augmentation of the extra views (``extra_views > 0``); ``None``: the training
-        transform of ``dataset``."""
+        """The augmentation of the extra views (``extra_views > 0``) for ``--dataset`` ``dataset``
+        (its name), applied to the data set's un-augmented image; ``None``: another draw of the
+        data set's own training augmentation."""
         return None
 
     def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
@@ -150,10 +153,11 @@ def reference_weights(name, model_t=None, model_s=None):
 
 
 def method_table():
-    """``{name: {'display_name', 'weights', 'source'}}`` of every registered method, in
-    registration order (the order of ``distiller_zoo/__init__.py``)."""
+    """``{name: {'display_name', 'weights', 'source', 'pair_weights'}}`` of every registered method, in
+    registration order (the order of ``distiller_zoo/__init__.py``). ``scripts/methods.py`` reads the
+    same facts from the method files without importing them."""
     return {name: {'display_name': cls.display_name or name, 'weights': reference_weights(name),
-                   'source': cls.source}
+                   'source': cls.source, 'pair_weights': dict(cls.pair_weights)}
             for name, cls in DISTILLERS.items()}
 
 

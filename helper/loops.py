@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distiller_zoo.registry import DEFAULT_TERM
 from helper.errors import UserError
 from helper.util import Meter, TermMeter, format_eta
 
@@ -51,7 +52,7 @@ class ClassifierObjective(nn.Module):
 LOOP_TERMS = ('cls', 'div')
 
 
-def as_terms(out, name='kd'):
+def as_terms(out, name=DEFAULT_TERM):
     """A method's output -> its named terms: a tensor is ``{name: tensor}``."""
     terms = dict(out) if isinstance(out, dict) else {name: out}
     clash = [name for name in terms if name in LOOP_TERMS]
@@ -95,7 +96,7 @@ class DistillObjective(nn.Module):
             feat_t, logit_t = self.model_t(x, is_feat=True, preact=self.preact)
         return feat_s, feat_t, logit_s, logit_t
 
-    def method_terms(self, loss_fn, feat_s, feat_t, logit_s, logit_t, batch, name='kd'):
+    def method_terms(self, loss_fn, feat_s, feat_t, logit_s, logit_t, batch, name=DEFAULT_TERM):
         """The method's named terms: the one place where a method's loss is computed (main and
         init stage alike)."""
         return as_terms(loss_fn(feat_s, feat_t, logit_s, logit_t, batch), name)

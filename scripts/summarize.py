@@ -9,8 +9,8 @@ Reads every student run under ROOT/student_model/ and every teacher / baseline r
 ROOT/models/, groups the runs by (teacher, student, method) across trials and prints:
 
 * rows: "Student alone" (the student trained alone by train_teacher.py), the methods in the
-  paper's order (KD, FitNet, AT, SP, VID, HKD, SemCKD), any other methods (CC, RKD, PKT, CRD,
-  IRG, ...), then "Teacher";
+  paper's order (KD, FitNet, AT, SP, VID, HKD, SemCKD), any other methods in the order of
+  ``distiller_zoo`` (CC, RKD, PKT, CRD, IRG, ...), then "Teacher";
 * columns: one per teacher/student pair, the paper's pairs first, in its order;
 * cells: mean ± standard deviation over trials of the best test top-1 accuracy (the
   ``test_acc`` of ``test_best_metrics.json``); by default the *sample* standard deviation
@@ -35,7 +35,8 @@ The teacher row comes from the teacher's own run folders (train_teacher.py) when
 any; the published teachers fetched by scripts/fetch_pretrained_teachers.sh carry no metrics,
 so give their accuracy with ``--teacher-acc NAME=VALUE`` (which wins over run folders).
 
-Only the standard library and numpy are needed.
+Method names, their order and SemCKD's reference weights come from the method files
+(``distiller_zoo``, read by ``scripts/methods.py``). Only the standard library and numpy are needed.
 """
 import argparse
 import csv
@@ -49,18 +50,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helper.errors import UserError  # noqa: E402  (plain Python, no torch)
+from scripts.methods import read_methods  # noqa: E402  (reads the method files as source, no torch)
 
-# method names as the paper prints them, in its row order; then the other methods
+METHODS = read_methods()
+# the SemCKD paper's rows, in its order; then every other registered method, in registration order
 PAPER_METHODS = ['kd', 'hint', 'attention', 'similarity', 'vid', 'hkd', 'semckd']
-OTHER_METHODS = ['correlation', 'rkd', 'pkt', 'crd', 'irg']
-METHOD_NAMES = {'kd': 'KD', 'hint': 'FitNet', 'attention': 'AT', 'similarity': 'SP', 'vid': 'VID', 'hkd': 'HKD',
-                'semckd': 'SemCKD', 'correlation': 'CC', 'rkd': 'RKD', 'pkt': 'PKT', 'crd': 'CRD', 'irg': 'IRG'}
+OTHER_METHODS = [m for m in METHODS if m not in PAPER_METHODS]
+METHOD_NAMES = {m: row['display_name'] for m, row in METHODS.items()}
 # (teacher, student), in the column order of the paper's table
 PAPER_PAIRS = [('resnet32x4', 'vgg8'), ('resnet32x4', 'vgg13'), ('vgg13', 'ShuffleV2'), ('resnet32x4', 'ShuffleV2'),
                ('wrn_40_2', 'MobileNetV2'), ('vgg13', 'vgg8'), ('resnet32x4', 'resnet8x4')]
 # intermediate students that only exist to teach another student (HKD's first pass)
 AUX_STUDENTS = ('resnet8x4_double', 'ResNet18Double')
-REFERENCE_SEMCKD_BETA = 400.0
+# the SemCKD row ARI compares with, by default: SemCKD at its reference weights
+REFERENCE_SEMCKD_WEIGHTS = tuple(float(METHODS['semckd']['weights'][k]) for k in ('gamma', 'alpha', 'beta'))
 STUDENT_ROW = 'Student alone'
 TEACHER_ROW = 'Teacher'
 
@@ -264,7 +267,7 @@ def build_table(students, vanilla, metric, ddof, teacher_acc):
 
     # the SemCKD row that ARI compares with: the reference weights if run, else the row with most cells
     semckd = [(key, cells) for key, cells in method_rows if key[0] == 'semckd']
-    semckd.sort(key=lambda kc: (kc[0][1:] != (1.0, 1.0, REFERENCE_SEMCKD_BETA),
+    semckd.sort(key=lambda kc: (kc[0][1:] != REFERENCE_SEMCKD_WEIGHTS,
                                 -sum(c.n > 0 for c in kc[1].values())))
     ref = semckd[0] if semckd else None
 

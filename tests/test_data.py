@@ -16,7 +16,7 @@ from fake_data import py2_pickle_bytes, write_fake_cifar100, write_fake_imagefol
 
 import dataset  # noqa: E402
 from dataset import cifar100, synthetic  # noqa: E402
-from dataset.cifar100 import ContrastSampler  # noqa: E402
+from dataset.wrappers import ContrastSampler  # noqa: E402
 from helper.errors import UserError  # noqa: E402
 
 CIFAR_MEAN = torch.tensor([0.5071, 0.4867, 0.4408]).view(3, 1, 1)
@@ -104,7 +104,7 @@ def test_cifar_loaders_shapes_order_and_normalisation(cifar_root):
 
 def test_cifar_train_augmentation_is_crop_and_flip(cifar_root):
     root, written = cifar_root
-    train_set, _ = cifar100.build_datasets(make_opt(data_folder=str(root)), 'plain')
+    train_set, _ = cifar100.build_datasets(make_opt(data_folder=str(root)))
     raw, labels = written['train']
     base = (raw_to_chw(raw[5]) - CIFAR_MEAN) / CIFAR_STD
     # RandomCrop pads with black pixels, which normalise to -mean/std
@@ -263,7 +263,7 @@ def test_download_is_skipped_when_files_exist(cifar_root, monkeypatch):
         raise AssertionError('must not download')
 
     monkeypatch.setattr(cifar100, 'download_and_extract_archive', fail)
-    train_set, val_set = cifar100.build_datasets(make_opt(data_folder=str(root)), 'plain')
+    train_set, val_set = cifar100.build_datasets(make_opt(data_folder=str(root)))
     assert len(train_set) == 64 and len(val_set) == 40
     assert train_set.classes[3] == 'class_03'
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from distiller_zoo import (DISTILLERS, PKT, Attention, Correlation, DistillKL, HintLoss, RKDLoss,
-                           Similarity, VIDLoss, build_distiller)
+                           Similarity, VIDLoss, build_distiller, reference_weights)
 from helper.errors import UserError
 from models import model_dict
 from models.util import ConvReg
@@ -440,9 +440,8 @@ def pair():
     return x, teacher, feat_t, logit_t
 
 
-# -b weights of the reference sweep, so every term has a trainable scale
-BETA = {'kd': 1.0, 'hint': 100, 'attention': 1000, 'similarity': 3000, 'correlation': 0.02,
-        'vid': 1.0, 'rkd': 1.0, 'pkt': 30000}
+# -b weights of the reference sweep (from the method files), so every term has a trainable scale
+BETA = {name: reference_weights(name)['beta'] for name in MY_METHODS}
 
 
 @pytest.mark.parametrize('name', MY_METHODS)

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from distiller_zoo import method_table
+
 SMALL = ['--dataset', 'synthetic', '--synthetic_train_size', '256', '--synthetic_val_size', '128',
          '--batch_size', '32', '--num_workers', '0', '--print-freq', '4']
 
@@ -61,35 +63,39 @@ def test_teacher_checkpoint_reloads_and_reproduces_its_accuracy(teacher):
 
 TINY = ['--dataset', 'synthetic', '--synthetic_train_size', '96', '--synthetic_val_size', '64',
         '--batch_size', '32', '--num_workers', '0', '--print-freq', '2', '--epochs', '1', '--nce_k', '32',
-        '--skip-validation']
-METHOD_BETA = {'kd': 0, 'hint': 100, 'attention': 1000, 'similarity': 3000, 'correlation': 0.02, 'vid': 1,
-               'rkd': 1, 'pkt': 30000, 'crd': 0.8, 'irg': 0.005, 'hkd': 1, 'semckd': 400}
+        '--skip-validation', '--init_epochs', '1']
+# every registered method's reference weights, from its file in distiller_zoo (the one place)
+METHOD_WEIGHTS = {m: row['weights'] for m, row in method_table().items()}
 
 
-def student_folder(cwd, model_s, model_t, distill, beta, trial='0'):
-    return cwd / 'save' / 'student_model' / 'S:{}_T:{}_synthetic_{}_r:1.0_a:1.0_b:{}_{}'.format(
-        model_s, model_t, distill, float(beta), trial)
+def student_folder(cwd, model_s, model_t, distill, beta, trial='0', gamma=1, alpha=1):
+    return cwd / 'save' / 'student_model' / 'S:{}_T:{}_synthetic_{}_r:{}_a:{}_b:{}_{}'.format(
+        model_s, model_t, distill, float(gamma), float(alpha), float(beta), trial)
 
 
-def test_every_method_is_registered():
+def test_every_method_declares_its_facts():
     from distiller_zoo import DISTILLERS
-    assert set(DISTILLERS) == set(METHOD_BETA)
+    assert {'kd', 'hint', 'attention', 'similarity', 'correlation', 'vid', 'rkd', 'pkt', 'crd', 'irg', 'hkd',
+            'semckd'} <= set(DISTILLERS)
+    for name, cls in DISTILLERS.items():
+        assert cls.display_name and cls.source, name
+        assert set(cls.weights) == {'gamma', 'alpha', 'beta'}, name
 
 
-@pytest.mark.parametrize('distill', sorted(METHOD_BETA))
+@pytest.mark.parametrize('distill', sorted(METHOD_WEIGHTS))
 def test_student_run_for_every_method(teacher, run, distill):
     cwd, folder, _ = teacher
-    beta = METHOD_BETA[distill]
+    w = METHOD_WEIGHTS[distill]
     run('train_student.py', ['--path-t', folder / 'resnet8_best.pth', '--model_s', 'wrn_16_1', '--distill', distill,
-                             '-r', '1', '-a', '1', '-b', beta] + TINY, cwd)
-    out = student_folder(cwd, 'wrn_16_1', 'resnet8', distill, beta)
+                             '-r', w['gamma'], '-a', w['alpha'], '-b', w['beta']] + TINY, cwd)
+    out = student_folder(cwd, 'wrn_16_1', 'resnet8', distill, w['beta'], gamma=w['gamma'], alpha=w['alpha'])
     metrics = read_metrics(out)
     assert [m['epoch'] for m in metrics] == [1]
     assert all(torch.isfinite(torch.tensor(m['train_loss'])) for m in metrics)
     ckpt = torch.load(out / 'wrn_16_1_best.pth', map_location='cpu', weights_only=False)
     from models import model_dict
     model_dict['wrn_16_1'](num_classes=100).load_state_dict(ckpt['model'], strict=True)
-    assert 'distiller' in ckpt
+    assert 'distiller' in ckpt and ckpt['opt']['distill'] == distill and ckpt['opt']['model_s'] == 'wrn_16_1'
     last = torch.load(out / 'wrn_16_1_last.pth', map_location='cpu', weights_only=False)
     assert {'optimizer', 'rng', 'distiller', 'epoch', 'best_acc'} <= set(last)
     assert isinstance(last['data_seed'], int)  # a resumed run keeps the epoch order of an unseeded run

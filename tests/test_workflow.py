@@ -21,6 +21,8 @@ import threading
 
 import pytest
 
+from distiller_zoo import method_table
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, 'scripts')
 PAPER_TABLE = os.path.join(REPO, 'tests', 'paper_table.md')
@@ -30,8 +32,9 @@ PAPER_MODELS = {'VGG-8': 'vgg8', 'VGG-13': 'vgg13', 'ShuffleNetV2': 'ShuffleV2',
                 'WRN-40-2': 'wrn_40_2', 'ResNet-32x4': 'resnet32x4', 'ResNet-8x4': 'resnet8x4'}
 PAPER_METHODS = {'KD': 'kd', 'FitNet': 'hint', 'AT': 'attention', 'SP': 'similarity', 'VID': 'vid', 'HKD': 'hkd',
                  'SemCKD': 'semckd'}
-REFERENCE_BETA = {'kd': 0, 'hint': 100, 'attention': 1000, 'similarity': 3000, 'correlation': 0.02, 'vid': 1,
-                  'rkd': 1, 'pkt': 30000, 'crd': 0.8, 'irg': 0.005, 'hkd': 1, 'semckd': 400}
+# every registered method's reference weights, from its file in distiller_zoo (the one place)
+REFERENCE = {m: row['weights'] for m, row in method_table().items()}
+REFERENCE_BETA = {m: w['beta'] for m, w in REFERENCE.items()}
 PAPER_PAIRS = [('resnet32x4', 'vgg8'), ('resnet32x4', 'vgg13'), ('vgg13', 'ShuffleV2'), ('resnet32x4', 'ShuffleV2'),
                ('wrn_40_2', 'MobileNetV2'), ('vgg13', 'vgg8'), ('resnet32x4', 'resnet8x4')]
 LOW_LR = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')
@@ -135,14 +138,17 @@ def paper_runs(tmp_path_factory):
                                    'path_t': './save/models/{}_vanilla/ckpt_epoch_240.pth'.format(t)})
                     continue
                 # HKD: teacher -> resnet8x4_double (PKT), then resnet8x4_double -> student, as the sweep names it
-                aux = student_folder(root, 'resnet8x4_double', t, 'pkt', 30000, trial)
+                aux = student_folder(root, 'resnet8x4_double', t, 'pkt', REFERENCE_BETA['pkt'], trial)
                 if not os.path.isdir(aux):
                     fabricate_run(aux, 60.0, {'model_s': 'resnet8x4_double', 'model_t': t, 'distill': 'pkt',
-                                              'dataset': 'cifar100', 'gamma': 1.0, 'alpha': 1.0, 'beta': 30000.0,
+                                              'dataset': 'cifar100', 'gamma': 1.0, 'alpha': 1.0,
+                                              'beta': float(REFERENCE_BETA['pkt']),
                                               'trial': str(trial)})
-                fabricate_run(student_folder(root, s, 'resnet8x4_double', 'hkd', 1, '{}_{}'.format(t, trial)), acc,
+                fabricate_run(student_folder(root, s, 'resnet8x4_double', 'hkd', REFERENCE_BETA['hkd'],
+                                             '{}_{}'.format(t, trial)), acc,
                               {'model_s': s, 'model_t': 'resnet8x4_double', 'distill': 'hkd',
-                               'dataset': 'cifar100', 'gamma': 1.0, 'alpha': 1.0, 'beta': 1.0,
+                               'dataset': 'cifar100', 'gamma': 1.0, 'alpha': 1.0,
+                               'beta': float(REFERENCE_BETA['hkd']),
                                'trial': '{}_{}'.format(t, trial),
                                'path_t': './save/student_model/{}/resnet8x4_double_best.pth'.format(
                                    os.path.basename(aux))})
@@ -306,7 +312,8 @@ def test_distill_dry_run_covers_every_method_and_pair():
         for t, s in PAPER_PAIRS:
             for trial in '01':
                 c = got.pop((method, t, s, trial))
-                assert float(c['-b']) == beta and c['-r'] == '1' and c['-a'] == '1'
+                assert float(c['-b']) == beta
+                assert float(c['-r']) == REFERENCE[method]['gamma'] and float(c['-a']) == REFERENCE[method]['alpha']
                 assert c['--path-t'] == 'save/models/{}_vanilla/ckpt_epoch_240.pth'.format(t)
     assert not got
 
@@ -314,13 +321,13 @@ def test_distill_dry_run_covers_every_method_and_pair():
     aux = [c for c in commands if c['--model_s'] == 'resnet8x4_double']
     assert sorted((c['--model_t'], c['--trial']) for c in aux) == sorted(
         (t, trial) for t in {'resnet32x4', 'vgg13', 'wrn_40_2'} for trial in '01')
-    assert all(c['--distill'] == 'pkt' and float(c['-b']) == 30000 for c in aux)
+    assert all(c['--distill'] == 'pkt' and float(c['-b']) == REFERENCE_BETA['pkt'] for c in aux)
     hkd = [c for c in commands if c['--distill'] == 'hkd']
     assert len(hkd) == len(PAPER_PAIRS) * 2
     for t, s in PAPER_PAIRS:
         for trial in '01':
             c = next(c for c in hkd if c['--model_s'] == s and c['--trial'] == '{}_{}'.format(t, trial))
-            assert float(c['-b']) == 1 and c['--model_t'] == 'resnet8x4_double'
+            assert float(c['-b']) == REFERENCE_BETA['hkd'] and c['--model_t'] == 'resnet8x4_double'
             assert c['--path-t'] == ('save/student_model/S:resnet8x4_double_T:{}_cifar100_pkt_r:1.0_a:1.0_b:30000.0_'
                                      '{}/resnet8x4_double_best.pth'.format(t, trial))
     # the auxiliary pass comes before the passes that read its checkpoint
@@ -351,7 +358,7 @@ def fake_repo(tmp_path):
     """A copy of scripts/ in a bare repo, so runs and logs stay out of the real save/."""
     repo = tmp_path / 'repo'
     shutil.copytree(SCRIPTS, repo / 'scripts', ignore=shutil.ignore_patterns('__pycache__'))
-    for package in ('models', 'helper'):
+    for package in ('models', 'helper', 'distiller_zoo'):
         os.symlink(os.path.join(REPO, package), repo / package)
     return repo
 
