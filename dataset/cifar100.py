@@ -12,6 +12,7 @@ import os
 import pickle
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms

@@ -200,7 +200,7 @@ def _worker(opt):
         write_fake_cifar100(download_root, n_train=20, n_test=10)
 
     cifar100.download_and_extract_archive = fake_download
-    cifar100.build_datasets(argparse.Namespace(data_folder=opt.out_dir / 'cifar'), 'plain')
+    cifar100.build_datasets(argparse.Namespace(data_folder=opt.out_dir / 'cifar'))
     out['downloads'] = downloads
 
     everything = _gather(out)
