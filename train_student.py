@@ -96,6 +96,7 @@ def build_trainer(opt, device):
     """Teacher, student, method, data, optimiser: everything of a run but its loop."""
     from dataset import NUM_CLASSES, get_dataloaders, image_size
     from distiller_zoo import DISTILLERS, StudentPredictor, build_distiller
+    from distiller_zoo.registry import preact_modes
     from models import build_model
 
     log = log_main(opt)
@@ -113,9 +114,10 @@ def build_trainer(opt, device):
     probe = torch.randn(2, 3, size, size)
     model_s.eval()
     model_t.eval()
+    preact_s, preact_t = preact_modes(method)
     with torch.no_grad():
-        feat_s, _ = model_s(probe, is_feat=True, preact=method.preact)
-        feat_t, _ = model_t(probe, is_feat=True, preact=method.preact)
+        feat_s, _ = model_s(probe, is_feat=True, preact=preact_s)
+        feat_t, _ = model_t(probe, is_feat=True, preact=preact_t)
     distiller = build_distiller(opt.distill, feat_s, feat_t, opt, model_s=model_s, model_t=model_t)
 
     model_t.requires_grad_(False)
