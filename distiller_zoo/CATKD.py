@@ -37,15 +37,16 @@ What the method computes (the ``CAT_KD`` configs: ``onlyCAT: False``)::
 * ``PAIR_CONFIGS``: weight (``CAT_loss_weight``), ``CAM_RESOLUTION`` and ``IF_NORMALIZE`` of
   the eleven CIFAR-100 configs; a pair they do not list gets the code's defaults
   (``DEFAULTS``: 400, 2, True) -- such a pair has no published CAT-KD configuration, and
-  those are the code's defaults, not tuned values.
+  those are the code's defaults, not tuned values. All configs: 240 epochs, batch 64, SGD
+  lr 0.05 (0.01 for ShuffleV1/ShuffleV2/MobileNetV2 students), decay at 150/180/210 -- the
+  common protocol.
 * Adapter (``--distill catkd``): ``-r 1 -a 0 -b 1`` (``-a`` unused: ``replaces_kd``); the
   pair's values through ``--cat_loss_weight``, ``--cam_resolution`` and
   ``--cat_normalize/--no-cat_normalize``. The reference's ``*_test`` networks are not
   built: the CAMs come from the unchanged networks' classifier weights and the map their
   pooling reads (``models.util.ClassifierMap``), which is the same computation; the
   student's bias is dropped in place (``drop_classifier_bias``) when the adapter is built,
-  before the optimiser. The distiller has no parameters of its own. All configs: 240 epochs, batch 64, SGD lr 0.05 (0.01 for
-  ShuffleV1/ShuffleV2/MobileNetV2 students), decay at 150/180/210 -- the common protocol.
+  before the optimiser. The distiller has no parameters of its own.
 
 Code versus paper: the paper's text was not at hand when this file was written, so no
 difference is asserted; note that the same-architecture configs switch normalisation

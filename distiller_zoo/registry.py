@@ -59,10 +59,10 @@ class Distiller(nn.Module):
 
     Constructed once, before training, from the features of one probe forward pass
     (``feat_s``/``feat_t``: the models' ``is_feat=True`` lists, with ``preact=True`` where the
-    method asks for it, see ``preact_modes``) so adapters know their shapes. ``model_s``/``model_t`` are the student
-    and the frozen teacher, for methods that read or reuse their modules; keep a frozen module
-    out of the parameters (e.g. in a plain list or with ``requires_grad`` False): only
-    parameters that require a gradient reach the optimiser. The distiller's parameters are
+    method asks for it, see ``preact_modes``) so adapters know their shapes.
+    ``model_s``/``model_t`` are the student and the frozen teacher, for methods that read or
+    reuse their modules; keep a frozen module out of the parameters (e.g. in a plain list or
+    with ``requires_grad`` False): only parameters that require a gradient reach the optimiser. The distiller's parameters are
     trained with the student and saved in the student checkpoint; its buffers (e.g. CRD's
     memory bank) are saved too.
     """
