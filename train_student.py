@@ -83,7 +83,9 @@ def worker(opt):
     if is_main(opt):
         prepare_save_folder(opt.save_folder)
     if not opt.skip_validation:
-        acc, acc5, _ = validate(trainer.val_loader, trainer.objective.model_t, opt, device)
+        # the RNGs are left as they were (a loader draws its seed), so a resumed run continues from its saved state
+        with torch.random.fork_rng(devices=[device.index] if device.type == 'cuda' else []):
+            acc, acc5, _ = validate(trainer.val_loader, trainer.objective.model_t, opt, device)
         log('teacher accuracy: {:.2f} (acc@5 {:.2f})'.format(acc, acc5))
     else:
         log('skipping teacher validation')
@@ -96,6 +98,7 @@ def build_trainer(opt, device):
     """Teacher, student, method, data, optimiser: everything of a run but its loop."""
     from dataset import NUM_CLASSES, get_dataloaders, image_size
     from distiller_zoo import DISTILLERS, StudentPredictor, build_distiller
+    from distiller_zoo.registry import preact_modes
     from models import build_model
 
     log = log_main(opt)
@@ -114,9 +117,10 @@ def build_trainer(opt, device):
     probe = torch.randn(2, 3, size, size)
     model_s.eval()
     model_t.eval()
+    preact_s, preact_t = preact_modes(method)
     with torch.no_grad():
-        feat_s, _ = model_s(probe, is_feat=True, preact=method.preact)
-        feat_t, _ = model_t(probe, is_feat=True, preact=method.preact)
+        feat_s, _ = model_s(probe, is_feat=True, preact=preact_s)
+        feat_t, _ = model_t(probe, is_feat=True, preact=preact_t)
     distiller = build_distiller(opt.distill, feat_s, feat_t, opt, model_s=model_s, model_t=model_t)
 
     model_t.requires_grad_(False)

@@ -36,18 +36,32 @@ What the method computes (the ``CAT_KD`` configs: ``onlyCAT: False``)::
   copied backbone). None has a teacher-classifier-only switch.
 * ``PAIR_CONFIGS``: weight (``CAT_loss_weight``), ``CAM_RESOLUTION`` and ``IF_NORMALIZE`` of
   the eleven CIFAR-100 configs; a pair they do not list gets the code's defaults
-  (``DEFAULTS``: 400, 2, True). All configs: 240 epochs, batch 64, SGD lr 0.05 (0.01 for
-  ShuffleV1/ShuffleV2/MobileNetV2 students), decay at 150/180/210 -- the common protocol.
+  (``DEFAULTS``: 400, 2, True) -- such a pair has no published CAT-KD configuration, and
+  those are the code's defaults, not tuned values. All configs: 240 epochs, batch 64, SGD
+  lr 0.05 (0.01 for ShuffleV1/ShuffleV2/MobileNetV2 students), decay at 150/180/210 -- the
+  common protocol.
+* Adapter (``--distill catkd``): ``-r 1 -a 0 -b 1`` (``-a`` unused: ``replaces_kd``); the
+  pair's values through ``--cat_loss_weight``, ``--cam_resolution`` and
+  ``--cat_normalize/--no-cat_normalize``. The reference's ``*_test`` networks are not
+  built: the CAMs come from the unchanged networks' classifier weights and the map their
+  pooling reads (``models.util.ClassifierMap``), which is the same computation; the
+  student's bias is dropped in place (``drop_classifier_bias``) when the adapter is built,
+  before the optimiser. The distiller has no parameters of its own.
 
 Code versus paper: the paper's text was not at hand when this file was written, so no
 difference is asserted; note that the same-architecture configs switch normalisation
 off (``IF_NORMALIZE: False``) and that the CAMs carry no classifier bias -- the code is
 followed.
 """
+import argparse
+
 import torch
 import torch.nn.functional as F
 
-from models.util import get_classifier
+from helper.errors import UserError
+from models.util import ClassifierMap, get_classifier
+
+from .registry import Distiller, register
 
 # --------------------------------------------------------------- facts the adapter needs
 
@@ -114,3 +128,65 @@ def CAT_loss(CAM_Student, CAM_Teacher, CAM_RESOLUTION, IF_NORMALIZE):
     CAM_Student = F.adaptive_avg_pool2d(CAM_Student, (CAM_RESOLUTION, CAM_RESOLUTION))
     CAM_Teacher = F.adaptive_avg_pool2d(CAM_Teacher, (CAM_RESOLUTION, CAM_RESOLUTION))
     return F.mse_loss(_Normalize(CAM_Student, IF_NORMALIZE), _Normalize(CAM_Teacher, IF_NORMALIZE))
+
+
+@register('catkd')
+class CATKDDistiller(Distiller):
+    """``--distill catkd``: ``weight * CAT_loss(CAMs of the student, CAMs of the teacher, resolution, normalize)``.
+
+    The CAMs are each network's classifier weight applied to the map its global pooling reads
+    (``models.util.ClassifierMap``: ``feats[-2]`` where that is the pooled tensor, else a
+    hook); the teacher's under ``no_grad``, from the original teacher's classifier. The
+    student's classifier bias is zeroed and frozen when the adapter is built
+    (``drop_classifier_bias``), before the optimiser is; its weight is trained by the CE and
+    the CAT loss. No KL term (``replaces_kd``). ``--cat_loss_weight``, ``--cam_resolution``
+    and ``--cat_normalize`` default to the pair's config (``PAIR_CONFIGS``), else to the
+    code's defaults (``DEFAULTS``) for a pair the authors publish no configuration for.
+    """
+    display_name = 'CAT-KD'
+    source = 'GzyAftermath/CAT-KD mdistiller/distillers/CAT_KD.py, configs/cifar100/CAT_KD/*.yaml'
+    weights = {'gamma': CE_WEIGHT, 'alpha': 0.0, 'beta': 1.0}
+    replaces_kd = not USES_KD
+    changes_prediction = CHANGES_PREDICTION
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument('--cat_loss_weight', type=float, default=None,
+                            help="CAT-KD: weight of the CAT loss (default: the pair's config, else {:g})".format(
+                                DEFAULTS['weight']))
+        parser.add_argument('--cam_resolution', type=int, default=None,
+                            help="CAT-KD: size the CAMs are pooled to (default: the pair's config, else {})".format(
+                                DEFAULTS['resolution']))
+        parser.add_argument('--cat_normalize', action=argparse.BooleanOptionalAction, default=None,
+                            help="CAT-KD: L2-normalise the pooled CAMs (default: the pair's config, else {})".format(
+                                DEFAULTS['normalize']))
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        from dataset import image_size
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        if model_s is None or model_t is None:
+            raise ValueError('CAT-KD reads both classifiers: build it with model_s and model_t')
+        config = pair_config(getattr(opt, 'model_t', None), getattr(opt, 'model_s', None))
+        for key, flag in (('weight', 'cat_loss_weight'), ('resolution', 'cam_resolution'),
+                          ('normalize', 'cat_normalize')):
+            if getattr(opt, flag, None) is not None:
+                config[key] = getattr(opt, flag)
+        if config['weight'] < 0:
+            raise UserError('--cat_loss_weight must be 0 or more, got {:g}'.format(config['weight']))
+        if config['resolution'] < 1:
+            raise UserError('--cam_resolution must be 1 or more, got {}'.format(config['resolution']))
+        self.weight, self.resolution, self.normalize = config['weight'], config['resolution'], config['normalize']
+        drop_classifier_bias(model_s)
+        # plain references, not submodules: the student's classifier is saved with the student, the
+        # teacher's is frozen
+        self.classifiers = (get_classifier(model_s), get_classifier(model_t))
+        size = image_size(getattr(opt, 'dataset', 'cifar100'))
+        self.map_s = ClassifierMap(model_s, size)
+        self.map_t = ClassifierMap(model_t, size)
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        fc_s, fc_t = self.classifiers
+        cam_s = class_activation_maps(self.map_s(feat_s), fc_s.weight)
+        with torch.no_grad():
+            cam_t = class_activation_maps(self.map_t(feat_t), fc_t.weight)
+        return {'cat': self.weight * CAT_loss(cam_s, cam_t, self.resolution, self.normalize)}

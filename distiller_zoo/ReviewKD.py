@@ -46,6 +46,13 @@ What the method computes (both repositories)::
 * Weights (mdistiller's key is ``REVIEWKD_WEIGHT``; it has no ``LOSS_WEIGHT``):
   ``PAIR_WEIGHTS`` holds the published per-pair values; ``DEFAULT_WEIGHT`` (1.0, both
   repositories' default) is what their code uses for a pair they publish no value for.
+  Such a pair (e.g. vgg13 -> vgg8, ResNet50 -> MobileNetV2) has no published ReviewKD
+  configuration: 1.0 is the code's default, not a tuned value.
+* Adapter (``--distill reviewkd``): ``-r 1 -a 0 -b 1`` (``-a`` unused: ``replaces_kd``);
+  the per-pair weight is ``--reviewkd_weight``, by default the pair's value above; the
+  warm-up factor is set in ``on_epoch_start`` from the loop's 1-based epoch; the ABFs are
+  the distiller's ``abfs.*`` (mdistiller's names), trained with the student and saved in
+  the student checkpoint's ``distiller`` entry.
 * Protocol: mdistiller's config is the common one (240 epochs, batch 64, SGD lr 0.05,
   decay 0.1 at 150/180/210, wd 5e-4). dvlab's ``train.py`` differs (batch 128, lr 0.1, or
   0.02 for ShuffleNet/MobileNet students, Nesterov momentum); not carried over.
@@ -60,6 +67,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helper.errors import UserError
+
+from .registry import Distiller, register
 
 # --------------------------------------------------------------- facts the adapter needs
 
@@ -265,11 +274,64 @@ class ReviewKD(nn.Module):
         self.abfs = abfs[::-1]
 
     def forward(self, features):
-        x = student_levels(features)[::-1]
-        results = []
-        out_features, res_features = self.abfs[0](x[0], out_shape=self.out_shapes[0])
-        results.append(out_features)
-        for level, abf, shape, out_shape in zip(x[1:], self.abfs[1:], self.shapes[1:], self.out_shapes[1:]):
-            out_features, res_features = abf(level, res_features, shape, out_shape)
-            results.insert(0, out_features)
-        return results
+        return review(self.abfs, self.shapes, self.out_shapes, features)
+
+
+def review(abfs, shapes, out_shapes, features):
+    """``ReviewKD.forward`` with the ABFs and sizes passed in: the adapter holds ``abfs``
+    itself, as mdistiller's distiller does (its state dict keys are ``abfs.*``)."""
+    x = student_levels(features)[::-1]
+    results = []
+    out_features, res_features = abfs[0](x[0], out_shape=out_shapes[0])
+    results.append(out_features)
+    for level, abf, shape, out_shape in zip(x[1:], abfs[1:], shapes[1:], out_shapes[1:]):
+        out_features, res_features = abf(level, res_features, shape, out_shape)
+        results.insert(0, out_features)
+    return results
+
+
+@register('reviewkd')
+class ReviewKDDistiller(Distiller):
+    """``--distill reviewkd``: ``weight * min(epoch / 20, 1) * hcl_loss(review(student levels), teacher levels)``.
+
+    The student's post-activation and the teacher's pre-activation features
+    (``preact_s``/``preact_t``); no KL term (``replaces_kd``); the ABFs (``abfs.*``) are
+    trained with the student and saved in the checkpoint. ``weight`` is ``--reviewkd_weight``,
+    by default the pair's published value (``PAIR_WEIGHTS``), else 1.0 for a pair neither
+    repository publishes a configuration for. The warm-up factor is set per epoch (1-based,
+    mdistiller's count), so a resumed run continues it.
+    """
+    display_name = 'ReviewKD'
+    source = ('megvii-research/mdistiller mdistiller/distillers/ReviewKD.py, configs/cifar100/reviewkd.yaml; '
+              'dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh')
+    weights = {'gamma': CE_WEIGHT, 'alpha': 0.0, 'beta': 1.0}
+    preact_s = STUDENT_PREACT
+    preact_t = TEACHER_PREACT
+    replaces_kd = not USES_KD
+    changes_prediction = CHANGES_PREDICTION
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument('--reviewkd_weight', type=float, default=None,
+                            help="ReviewKD: weight of the review loss (default: the pair's published value, "
+                                 "else {:g})".format(DEFAULT_WEIGHT))
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        weight = getattr(opt, 'reviewkd_weight', None)
+        if weight is None:
+            weight = pair_weight(getattr(opt, 'model_t', None), getattr(opt, 'model_s', None))
+        if weight < 0:
+            raise UserError('--reviewkd_weight must be 0 or more, got {:g}'.format(weight))
+        self.weight = weight
+        review_module = ReviewKD(**review_config(feat_s, feat_t))
+        self.abfs = review_module.abfs
+        self.shapes, self.out_shapes = review_module.shapes, review_module.out_shapes
+        self.warmup = warmup_factor(1)
+
+    def on_epoch_start(self, epoch):
+        self.warmup = warmup_factor(epoch)
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        results = review(self.abfs, self.shapes, self.out_shapes, feat_s)
+        return {'reviewkd': self.weight * self.warmup * hcl_loss(results, teacher_levels(feat_t))}

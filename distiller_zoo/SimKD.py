@@ -37,15 +37,31 @@ What the method computes::
   classifier is not saved -- evaluating needs the teacher checkpoint. Ours should hold the
   classifier too (issue 12).
 * ``FACTOR`` 2 is the repository's default and the README's headline row (78.08);
-  its table also lists factors 4 and 8.
+  its table also lists factors 4 and 8 (``--simkd_factor``).
+* Adapter (``--distill simkd``): ``-r 0 -a 0 -b 1``; the loop still computes the CE and
+  KL terms on the student's own logits (weight 0), as the reference does, so DDP finds
+  every student parameter in the graph. The distiller holds the projector
+  (``proj.transfer.*``: the reference's ``proj`` entry) and a frozen copy of the teacher's
+  classifier (``cls_t.*``), so our checkpoint, unlike the reference's, predicts without
+  the teacher file. ``predict`` is the prediction above (validation, best checkpoint,
+  ``scripts/eval.py``); the training accuracy is ``pred_feat_s`` of the training pass, as
+  in the reference. Under DDP the projector's batch-norm statistics are rank 0's at
+  validation (``StudentPredictor``), as the reference's DDP-wrapped projector gets them.
 * No warm-up.
 
 Code versus paper: the paper's text was not at hand when this file was written, so no
 difference is asserted; the code's loss is the element-mean squared error (``nn.MSELoss``)
 and its ``loss_cls``/``loss_div`` terms are computed with weight 0 -- the code is followed.
 """
+import copy
+
 import torch.nn as nn
 import torch.nn.functional as F
+
+from helper.errors import UserError
+from models.util import ClassifierMap, get_classifier
+
+from .registry import Distiller, register
 
 # --------------------------------------------------------------- facts the adapter needs
 
@@ -116,3 +132,55 @@ def student_prediction(simkd, feat_s, t_H, cls_t):
     validation takes from them."""
     temp_feat = simkd.avg_pool(simkd.transfer(_align(feat_s, t_H)))
     return cls_t(temp_feat.view(temp_feat.size(0), -1))
+
+
+@register('simkd')
+class SimKDDistiller(Distiller):
+    """``--distill simkd``: ``MSE(SimKD projector(feat_s[-2]), teacher map)``; the student predicts
+    through the projector and the teacher's classifier.
+
+    The teacher map is the one its classifier reads (``models.util.ClassifierMap``:
+    ``feat_t[-2]`` for every teacher the reference ships, the hooked pool input for WRN,
+    MobileNetV2 and ShuffleV2 teachers). The projector (``proj.transfer.*``, the reference's
+    ``proj`` checkpoint entry) is trained with the student; a frozen copy of the teacher's
+    classifier (``cls_t.*``, ``requires_grad`` False, so never in the optimiser) sits in the
+    distiller, so the student checkpoint is self-contained: ``predict`` needs no teacher.
+    Validation, the best-checkpoint choice and the training accuracy use ``predict``
+    (``changes_prediction``); the loop still computes the CE and KL terms on the student's own
+    logits, weighted by the reference's ``-r 0 -a 0``.
+    """
+    display_name = 'SimKD'
+    source = 'DefangChen/SimKD models/util.py, train_student.py, helper/loops.py, scripts/run_distill.sh'
+    weights = dict(WEIGHTS)
+    changes_prediction = CHANGES_PREDICTION
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument('--simkd_factor', type=int, default=FACTOR,
+                            help="SimKD: the projector's bottleneck is the teacher's width / factor (the "
+                                 "reference's -f)")
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        from dataset import image_size
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        if model_t is None:
+            raise ValueError("SimKD reuses the teacher's classifier: build it with model_t")
+        if feat_s[-2].dim() != 4:
+            raise UserError("SimKD needs the student's last feature map (feat[-2]) to be a 4-D map")
+        factor = getattr(opt, 'simkd_factor', FACTOR)
+        self.map_t = ClassifierMap(model_t, image_size(getattr(opt, 'dataset', 'cifar100')))
+        _, t_n, self.t_H, _ = self.map_t.shape
+        if factor < 1 or t_n // factor < 1:
+            raise UserError('--simkd_factor must lie in 1..{} (the teacher map has {} channels), got {}'.format(
+                t_n, t_n, factor))
+        self.proj = SimKD(s_n=feat_s[-2].shape[1], t_n=t_n, factor=factor)
+        self.cls_t = copy.deepcopy(get_classifier(model_t)).requires_grad_(False)
+        self.train_prediction = None
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        trans_feat_s, trans_feat_t, pred_feat_s = self.proj(feat_s[-2], self.map_t(feat_t), self.cls_t)
+        self.train_prediction = pred_feat_s.detach()
+        return {'simkd': F.mse_loss(trans_feat_s, trans_feat_t)}
+
+    def predict(self, feat_s, logit_s):
+        return student_prediction(self.proj, feat_s[-2], self.t_H, self.cls_t)

@@ -23,6 +23,9 @@ _METHODS = {
     'IRG': ['IRGLoss'],
     'HKD': ['HKDLoss'],
     'SemCKD': ['SemCKDLoss'],
+    'ReviewKD': ['hcl_loss', 'ReviewKD', 'ABF'],
+    'CATKD': ['CAT_loss'],
+    'SimKD': ['SimKD'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',

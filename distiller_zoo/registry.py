@@ -59,11 +59,11 @@ class Distiller(nn.Module):
     """Base class of every method: the ``-b`` term of the loss, and the facts about the method.
 
     Constructed once, before training, from the features of one probe forward pass
-    (``feat_s``/``feat_t``: the models' ``is_feat=True`` lists, with ``preact=True`` if the
-    method asks for it) so adapters know their shapes. ``model_s``/``model_t`` are the student
-    and the frozen teacher, for methods that read or reuse their modules; keep a frozen module
-    out of the parameters (e.g. in a plain list or with ``requires_grad`` False): only
-    parameters that require a gradient reach the optimiser. The distiller's parameters are
+    (``feat_s``/``feat_t``: the models' ``is_feat=True`` lists, with ``preact=True`` where the
+    method asks for it, see ``preact_modes``) so adapters know their shapes.
+    ``model_s``/``model_t`` are the student and the frozen teacher, for methods that read or
+    reuse their modules; keep a frozen module out of the parameters (e.g. in a plain list or
+    with ``requires_grad`` False): only parameters that require a gradient reach the optimiser. The distiller's parameters are
     trained with the student and saved in the student checkpoint; its buffers (e.g. CRD's
     memory bank) are saved too.
     """
@@ -80,8 +80,10 @@ class Distiller(nn.Module):
     extra_views = 0          # > 0: the loader also yields that many more augmented views, batch['views']
     drop_last = False        # cannot take a smaller last batch (SemCKD)
     preact = False           # features from model(x, is_feat=True, preact=True)
+    preact_s = None          # the student's / the teacher's own setting where they differ (ReviewKD);
+    preact_t = None          # None: ``preact``
     replaces_kd = False      # True: the loop drops alpha * KL_T; the method gives its own logit loss
-    changes_prediction = False  # True: validation and the best checkpoint use predict()
+    changes_prediction = False  # True: validation, the best checkpoint and the training accuracy use predict()
 
     @classmethod
     def add_arguments(cls, parser):
@@ -109,6 +111,11 @@ class Distiller(nn.Module):
 
         ``batch`` is a dict with ``'target'`` and, per ``data_mode``/``extra_views``,
         ``'index'``, ``'contrast_idx'`` and ``'views'`` (already on the run's device).
+
+        A method that sets ``changes_prediction`` also leaves this step's prediction (what
+        ``predict`` gives, from this same pass, detached) in ``self.train_prediction``: the
+        training accuracy is computed from it without running the method's modules twice
+        (a second pass would update their batch-norm statistics again).
         """
         raise NotImplementedError
 
@@ -125,16 +132,34 @@ class Distiller(nn.Module):
         raise NotImplementedError('{} has no init stage'.format(type(self).__name__))
 
 
+def preact_modes(method):
+    """``(preact_s, preact_t)`` of a method class: each its own setting, else ``preact``."""
+    return tuple(method.preact if side is None else side for side in (method.preact_s, method.preact_t))
+
+
 class StudentPredictor(nn.Module):
-    """What validation runs for a method that changes how the student predicts."""
+    """What validation runs for a method that changes how the student predicts.
+
+    Switching it to eval mode hands rank 0's buffers of the method's modules (e.g. batch-norm
+    statistics of a projector that predicts) to every process, as DDP does for the student:
+    the prediction, the reduced accuracy and the saved checkpoint then agree.
+    """
 
     def __init__(self, model_s, distiller):
         super().__init__()
         self.model_s = model_s
         self.distiller = distiller
 
+    def train(self, mode=True):
+        super().train(mode)
+        if not mode and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buf in self.distiller.buffers():
+                torch.distributed.broadcast(buf, src=0)
+        return self
+
     def forward(self, x):
-        return self.distiller.predict(*self.model_s(x, is_feat=True, preact=type(self.distiller).preact))
+        preact_s, _ = preact_modes(type(self.distiller))
+        return self.distiller.predict(*self.model_s(x, is_feat=True, preact=preact_s))
 
 
 def build_distiller(name, feat_s, feat_t, opt, model_s=None, model_t=None):

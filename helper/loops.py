@@ -64,19 +64,21 @@ def as_terms(out, name=DEFAULT_TERM):
 class DistillObjective(nn.Module):
     """``gamma * CE + alpha * KL_T(student, teacher) + beta * sum(method's terms)``.
 
-    What the method needs (pre-activation features, no KL term) comes from its class
-    attributes; the loop never asks which method runs.
+    What the method needs (pre-activation features, no KL term, its own prediction for the
+    training accuracy) comes from its class attributes; the loop never asks which method runs.
     """
 
     def __init__(self, model_s, model_t, distiller, opt):
         super().__init__()
         from distiller_zoo import DistillKL
+        from distiller_zoo.registry import preact_modes
         self.model_s = model_s
         self.model_t = model_t
         self.distiller = distiller
         method = type(unwrap(distiller))
-        self.preact = method.preact
+        self.preact_s, self.preact_t = preact_modes(method)
         self.replaces_kd = method.replaces_kd
+        self.changes_prediction = method.changes_prediction
         self.criterion_div = DistillKL(opt.kd_T)
         self.gamma, self.alpha, self.beta = opt.gamma, opt.alpha, opt.beta
 
@@ -91,9 +93,9 @@ class DistillObjective(nn.Module):
     def features(self, x, model_s=None):
         """(feat_s, feat_t, logit_s, logit_t) of one batch; the teacher's without gradient."""
         model_s = self.model_s if model_s is None else model_s
-        feat_s, logit_s = model_s(x, is_feat=True, preact=self.preact)
+        feat_s, logit_s = model_s(x, is_feat=True, preact=self.preact_s)
         with torch.no_grad():
-            feat_t, logit_t = self.model_t(x, is_feat=True, preact=self.preact)
+            feat_t, logit_t = self.model_t(x, is_feat=True, preact=self.preact_t)
         return feat_s, feat_t, logit_s, logit_t
 
     def method_terms(self, loss_fn, feat_s, feat_t, logit_s, logit_t, batch, name=DEFAULT_TERM):
@@ -113,7 +115,9 @@ class DistillObjective(nn.Module):
         method = self.method_terms(self.distiller, feat_s, feat_t, logit_s, logit_t, batch)
         loss = loss + self.beta * sum(method.values())
         terms.update(method)
-        return loss, logit_s, terms
+        # the training accuracy of a method that changes the prediction is that prediction's
+        logits = unwrap(self.distiller).train_prediction if self.changes_prediction else logit_s
+        return loss, logits, terms
 
 
 class InitObjective(nn.Module):

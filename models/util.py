@@ -4,10 +4,11 @@ Names, constructor arguments and parameter names follow RepDistiller's ``models/
 so code and state dicts written against it keep working. SemCKD's attention modules
 (``SelfA``, ``AAEmbed``) live with their method in ``distiller_zoo/SemCKD.py``.
 
-The accessors (``get_classifier``, ``get_global_pool``, ``PoolInput``) give methods that
-reuse a network's classifier (CAT-KD, SimKD) the layers and the map they need without
-changing any model's ``forward``.
+The accessors (``get_classifier``, ``get_global_pool``, ``PoolInput``, ``ClassifierMap``) give
+methods that reuse a network's classifier (CAT-KD, SimKD) the layers and the map they need
+without changing any model's ``forward``.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -81,6 +82,47 @@ class PoolInput:
 
     def remove(self):
         self._handle.remove()
+
+
+class ClassifierMap:
+    """The map a network's classifier reads before its global pooling, at every forward pass.
+
+    ``ClassifierMap(model, size)`` runs ``model`` once on a blank ``size`` x ``size`` batch (no
+    gradient, eval mode, the mode restored) to learn whether the pooling reads ``feats[-2]``
+    itself: then the map is taken from the feature list, so it comes from whichever copy of
+    the network runs (e.g. a BN-folded teacher). Otherwise (WRN, MobileNetV2, ShuffleV2) a
+    ``PoolInput`` hook keeps it, and the hooked network must be the one that runs: a pass
+    without it raises ``RuntimeError`` instead of reusing a stale map. ``shape`` is the map's shape at ``size``.
+
+    ``cmap(feats)`` returns the map of the pass that gave ``feats``, in the dtype of ``feats``
+    (the feature lists may be float32 copies of features computed under autocast).
+    """
+
+    def __init__(self, model, size, preact=False):
+        hook = PoolInput(model)
+        probe = torch.zeros(2, 3, size, size, device=next(model.parameters()).device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            feats, _ = model(probe, is_feat=True, preact=preact)
+        model.train(was_training)
+        self.shape = tuple(hook.feature.shape)
+        self.from_feats = hook.feature is feats[-2]
+        if self.from_feats:
+            hook.remove()
+            self.hook = None
+        else:
+            hook.feature = None
+            self.hook = hook
+
+    def __call__(self, feats):
+        if self.hook is None:
+            return feats[-2]
+        fmap, self.hook.feature = self.hook.feature, None
+        if fmap is None:
+            raise RuntimeError('the network whose pooling input this method reads did not run in this pass '
+                               '(is a copy of it running instead?)')
+        return fmap.to(feats[-2].dtype)
 
 
 class ConvReg(nn.Module):
