@@ -23,6 +23,11 @@ _METHODS = {
     'IRG': ['IRGLoss'],
     'HKD': ['HKDLoss'],
     'SemCKD': ['SemCKDLoss'],
+    'DKD': ['dkd_loss'],
+    'DIST': ['DIST'],
+    'LS': ['kd_loss', 'normalize'],  # the --logit_stand switch (kd, dkd, mlkd, ctkd); no method of its own
+    'MLKD': ['cc_loss', 'bc_loss'],
+    'CTKD': ['Global_T', 'GradientReversal'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',

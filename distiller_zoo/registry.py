@@ -79,6 +79,7 @@ class Distiller(nn.Module):
     drop_last = False        # cannot take a smaller last batch (SemCKD)
     preact = False           # features from model(x, is_feat=True, preact=True)
     replaces_kd = False      # True: the loop drops alpha * KL_T; the method gives its own logit loss
+                             # (read from the instance: a switch may set it in __init__)
     changes_prediction = False  # True: validation and the best checkpoint use predict()
 
     @classmethod
@@ -105,7 +106,8 @@ class Distiller(nn.Module):
         weighted by ``-b``; each is logged as ``loss_<name>``).
 
         ``batch`` is a dict with ``'target'`` and, per ``data_mode``/``extra_views``,
-        ``'index'``, ``'contrast_idx'`` and ``'views'`` (already on the run's device).
+        ``'index'``, ``'contrast_idx'`` and ``'views'`` (already on the run's device); with
+        ``extra_views``, ``'view_outputs'`` too: ``(feat_s, feat_t, logit_s, logit_t)`` of each view.
         """
         raise NotImplementedError
 

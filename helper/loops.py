@@ -63,8 +63,9 @@ def as_terms(out, name='kd'):
 class DistillObjective(nn.Module):
     """``gamma * CE + alpha * KL_T(student, teacher) + beta * sum(method's terms)``.
 
-    What the method needs (pre-activation features, no KL term) comes from its class
-    attributes; the loop never asks which method runs.
+    What the method needs (pre-activation features, no KL term, extra views) comes from its
+    attributes; the loop never asks which method runs. A method with ``extra_views`` gets
+    ``batch['view_outputs']``: ``(feat_s, feat_t, logit_s, logit_t)`` of each of ``batch['views']``.
     """
 
     def __init__(self, model_s, model_t, distiller, opt):
@@ -73,9 +74,10 @@ class DistillObjective(nn.Module):
         self.model_s = model_s
         self.model_t = model_t
         self.distiller = distiller
-        method = type(unwrap(distiller))
+        method = unwrap(distiller)
         self.preact = method.preact
-        self.replaces_kd = method.replaces_kd
+        self.replaces_kd = method.replaces_kd  # the instance's: a switch (kd --logit_stand) may set it
+        self.extra_views = method.extra_views
         self.criterion_div = DistillKL(opt.kd_T)
         self.gamma, self.alpha, self.beta = opt.gamma, opt.alpha, opt.beta
 
@@ -102,6 +104,9 @@ class DistillObjective(nn.Module):
 
     def forward(self, x, batch):
         feat_s, feat_t, logit_s, logit_t = self.features(x)
+        if self.extra_views:
+            # each extra view through the same student (its own forward, as the references run them) and teacher
+            batch = dict(batch, view_outputs=[self.features(view) for view in batch['views']])
         loss_cls = F.cross_entropy(logit_s, batch['target'])
         terms = {'cls': loss_cls}
         loss = self.gamma * loss_cls
