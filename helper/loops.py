@@ -313,16 +313,21 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
 
 @torch.no_grad()
 def validate(loader, model, opt, device):
-    """Top-1 %, top-5 % and mean cross-entropy of ``model`` on ``loader`` (reduced across processes)."""
+    """Top-1 %, top-5 % and mean cross-entropy of ``model`` on ``loader`` (reduced across processes).
+
+    Leaves torch's CPU generator as it found it: iterating a DataLoader draws a base seed from it, and a
+    resumed run's teacher validation would otherwise shift the augmentation of every later epoch.
+    """
     model.eval()
     meter = Meter(device)
-    for data in loader:
-        x, batch = to_batch(data, device)
-        x = _prepare_input(x, opt)
-        with autocast(opt, device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), batch['target'])
-        meter.update(loss, logits, batch['target'])
+    with torch.random.fork_rng(devices=[]):
+        for data in loader:
+            x, batch = to_batch(data, device)
+            x = _prepare_input(x, opt)
+            with autocast(opt, device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), batch['target'])
+            meter.update(loss, logits, batch['target'])
     meter.all_reduce()
     top1, top5, loss, _ = meter.values()
     return top1, top5, loss
