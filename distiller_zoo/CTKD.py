@@ -78,7 +78,8 @@ class GradientReversalFunction(Function):
 
     @staticmethod
     def backward(ctx, grads):
-        return grads.new_tensor(ctx.lambda_) * grads, None
+        # a Python scalar, not a new device tensor: copying one to a GPU would wait for the stream
+        return grads * ctx.lambda_, None
 
 
 class GradientReversal(nn.Module):
