@@ -32,6 +32,10 @@ Where the code differs from what one would read off the paper or the README (we 
 - The CTKD+LS logs record temperatures (up to 30.4 in the first epoch, about 2.0 afterwards) that
   ``1 + 20 * sigmoid`` cannot produce, so those runs used other ``--t_start/--t_end`` than the committed
   script (apparently t_start = 2); the committed values are what we have, and what ``CTKD.py`` uses.
+- Until 6b58661 (May 2024) ``tools/train.py`` set DKD's beta to the already multiplied alpha times the weight
+  (81 for weight 9, whatever the config's beta) and the KD temperature instead of DKD's (which stayed 4). The
+  DKD logs were committed on 1 March 2024, under that code, and record no config; the later code, the
+  authors' correction, is what we follow.
 - ``mdistiller/engine/cfg.py`` in this repository changes mdistiller's KD defaults to T = 2, KD weight 9 even
   without the switch; the switch's values above are what the README runs use.
 
