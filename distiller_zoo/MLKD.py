@@ -327,13 +327,13 @@ def strong_transform(dataset):
 
 # ---- the adapter
 
+_ORIGINAL = ORIGINAL_CIFAR_PAIRS[('resnet32x4', 'resnet8x4')]
 PROTOCOL_HELP = ('Our default is the common protocol (240 epochs, lr 0.05, steps at 150/180/210). MLKD\'s '
                  'published numbers (77.08 for resnet32x4 -> resnet8x4) come from its first configs: {} epochs at '
                  'lr {:g} for same-family pairs, i.e. --epochs {} --learning_rate {:g} (the steps stay at '
-                 '150/180/210); today\'s configs run those pairs {} epochs at lr {:g}, the mobile students 480 or 960 '
-                 'epochs at lr 0.01 (distiller_zoo/MLKD.py).').format(
-                     *ORIGINAL_CIFAR_PAIRS[('resnet32x4', 'resnet8x4')], *ORIGINAL_CIFAR_PAIRS[('resnet32x4', 'resnet8x4')],
-                     *CIFAR_PAIRS[('resnet32x4', 'resnet8x4')])
+                 '150/180/210); today\'s configs run those pairs {} epochs at lr {:g}, the mobile students 480 or '
+                 '960 epochs at lr 0.01 (distiller_zoo/MLKD.py).').format(
+                     *_ORIGINAL, *_ORIGINAL, *CIFAR_PAIRS[('resnet32x4', 'resnet8x4')])
 
 
 @register('mlkd')
