@@ -40,7 +40,11 @@ import torch
 import torch.nn as nn
 from torch.autograd import Function
 
+from helper.errors import UserError
+
+from . import LS
 from .LS import kd_loss
+from .registry import Distiller, register
 
 CE_WEIGHT = 0.1
 KD_WEIGHT = 0.9
@@ -74,7 +78,8 @@ class GradientReversalFunction(Function):
 
     @staticmethod
     def backward(ctx, grads):
-        return grads.new_tensor(ctx.lambda_) * grads, None
+        # a Python scalar, not a new device tensor: copying one to a GPU would wait for the stream
+        return grads * ctx.lambda_, None
 
 
 class GradientReversal(nn.Module):
@@ -110,3 +115,61 @@ def ctkd_temperature(global_t, t_start=T_START, t_end=T_END):
 def ctkd_loss(logits_student, logits_teacher, temperature, logit_stand=False):
     """KD at the learned (tensor) temperature, as a 0-dim tensor (the reference's has shape ``[1]``)."""
     return kd_loss(logits_student, logits_teacher, temperature, logit_stand=logit_stand).reshape(())
+
+
+@register('ctkd')
+class CTKDDistiller(Distiller):
+    """``--distill ctkd``: KD at the learned temperature ``t_start + t_end * sigmoid(Global_T)``.
+
+    The temperature module is a parameter of the distiller, so it is trained by the run's SGD (the
+    student's lr, momentum and weight decay, as the reference's ``trainable_list``), saved and resumed
+    with it, and, unlike the reference, averaged across processes by DDP. ``on_epoch_start`` sets the
+    gradient-reversal lambda from the cosine schedule (``--ctkd_decay_*``). The term replaces the ``-a``
+    KL term at the fixed ``--kd_T``; the loop's CE is ``-r`` (0.1), the term's weight ``-b`` (0.9).
+    With ``--logit_stand`` both logits are standardised first (LS's ``-r 0.1 -b 9``).
+
+    The current temperature is ``temperature()``; it is not a logged loss term (the loop sums terms).
+    """
+    display_name = 'CTKD'
+    source = 'zhengli97/CTKD models/temp_global.py, helper/loops.py, scripts/run_cifar_distill.sh'
+    weights = {'gamma': CE_WEIGHT, 'alpha': 0, 'beta': KD_WEIGHT}
+    ls_weights = {'gamma': LS.CTKD_CE_WEIGHT, 'alpha': 0, 'beta': LS.CTKD_KD_WEIGHT}
+    replaces_kd = True
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument('--ctkd_t_start', type=float, default=T_START,
+                            help='CTKD: temperature = t_start + t_end * sigmoid(learned)')
+        parser.add_argument('--ctkd_t_end', type=float, default=T_END, help='CTKD: see --ctkd_t_start')
+        parser.add_argument('--ctkd_decay_max', type=float, default=DECAY_MAX,
+                            help='CTKD: gradient-reversal lambda at epoch 0 (cosine schedule)')
+        parser.add_argument('--ctkd_decay_min', type=float, default=DECAY_MIN,
+                            help='CTKD: lambda from epoch --ctkd_decay_loops on')
+        parser.add_argument('--ctkd_decay_loops', type=int, default=DECAY_LOOPS,
+                            help='CTKD: epochs of the cosine from --ctkd_decay_max to --ctkd_decay_min')
+        LS.add_logit_stand_argument(parser)
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        if opt.ctkd_decay_loops < 1:
+            raise UserError('--ctkd_decay_loops must be at least 1, got {}'.format(opt.ctkd_decay_loops))
+        if opt.ctkd_t_start <= 0 or opt.ctkd_t_end < 0:
+            raise UserError('CTKD needs --ctkd_t_start > 0 and --ctkd_t_end >= 0 (a positive temperature), got '
+                            '{:g} and {:g}'.format(opt.ctkd_t_start, opt.ctkd_t_end))
+        self.logit_stand = bool(getattr(opt, 'logit_stand', False))
+        self.t_start, self.t_end = opt.ctkd_t_start, opt.ctkd_t_end
+        self.schedule = CosineDecay(opt.ctkd_decay_max, opt.ctkd_decay_min, opt.ctkd_decay_loops)
+        self.global_temperature = Global_T()
+        self.on_epoch_start(1)
+
+    def on_epoch_start(self, epoch):
+        self.lambda_ = self.schedule.get_value(epoch)
+
+    def temperature(self):
+        """The temperature the next step uses (a tensor of shape ``[1]``, no gradient)."""
+        with torch.no_grad():
+            return ctkd_temperature(self.global_temperature.global_T, self.t_start, self.t_end)
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        temp = ctkd_temperature(self.global_temperature(logit_t, logit_s, self.lambda_), self.t_start, self.t_end)
+        return ctkd_loss(logit_s, logit_t, temp, logit_stand=self.logit_stand)

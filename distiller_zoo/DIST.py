@@ -24,6 +24,10 @@ The loss sees the model's output logits (``KDLoss`` hooks the model's output), n
 """
 import torch.nn as nn
 
+from helper.errors import UserError
+
+from .registry import Distiller, register
+
 CE_WEIGHT = 1.0   # ori_loss_weight
 KD_WEIGHT = 2.0   # kd_loss_weight
 BETA = 1.0
@@ -62,3 +66,30 @@ class DIST(nn.Module):
         inter_loss = self.tau ** 2 * inter_class_relation(y_s, y_t)
         intra_loss = self.tau ** 2 * intra_class_relation(y_s, y_t)
         return self.beta * inter_loss + self.gamma * intra_loss
+
+
+@register('dist')
+class DISTDistiller(Distiller):
+    """``--distill dist``: ``DIST(--dist_beta, --dist_gamma, --dist_tau)(logit_s, logit_t)``, by default
+    ``DIST(1, 1, 4)`` (``--kd dist_t4``), weighted by ``-b`` (kd_loss_weight 2). It replaces the ``-a`` KL
+    term; the loop's CE (``-r``, ori_loss_weight 1) stays."""
+    display_name = 'DIST'
+    source = 'hunto/image_classification_sota lib/models/losses/dist_kd.py (DIST_KD submodule), ' \
+             'configs/strategies/distill/dist_cifar.yaml'
+    weights = {'gamma': CE_WEIGHT, 'alpha': 0, 'beta': KD_WEIGHT}
+    replaces_kd = True
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument('--dist_beta', type=float, default=BETA, help='DIST: inter-class relation weight')
+        parser.add_argument('--dist_gamma', type=float, default=GAMMA, help='DIST: intra-class relation weight')
+        parser.add_argument('--dist_tau', type=float, default=TAU, help='DIST: temperature')
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        if opt.dist_tau <= 0:
+            raise UserError('--dist_tau must be positive, got {:g}'.format(opt.dist_tau))
+        self.criterion = DIST(beta=opt.dist_beta, gamma=opt.dist_gamma, tau=opt.dist_tau)
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        return self.criterion(logit_s, logit_t)

@@ -32,6 +32,10 @@ Where the code differs from what one would read off the paper or the README (we 
 - The CTKD+LS logs record temperatures (up to 30.4 in the first epoch, about 2.0 afterwards) that
   ``1 + 20 * sigmoid`` cannot produce, so those runs used other ``--t_start/--t_end`` than the committed
   script (apparently t_start = 2); the committed values are what we have, and what ``CTKD.py`` uses.
+- Until 6b58661 (May 2024) ``tools/train.py`` set DKD's beta to the already multiplied alpha times the weight
+  (81 for weight 9, whatever the config's beta) and the KD temperature instead of DKD's (which stayed 4). The
+  DKD logs were committed on 1 March 2024, under that code, and record no config; the later code, the
+  authors' correction, is what we follow.
 - ``mdistiller/engine/cfg.py`` in this repository changes mdistiller's KD defaults to T = 2, KD weight 9 even
   without the switch; the switch's values above are what the README runs use.
 
@@ -44,8 +48,11 @@ resnet32x4 -> resnet8x4: KD+LS 76.62, CTKD+LS 76.67, DKD+LS 77.01, MLKD+LS 78.28
 """
 import torch.nn.functional as F
 
+from .registry import shared_argument
+
 BASE_TEMP = 2.0  # tools/train.py --base-temp default, the README's value
 KD_WEIGHT = 9.0  # tools/train.py --kd-weight default, the README's value
+KD_CE_WEIGHT = 0.1  # cfg.py KD.LOSS.CE_WEIGHT, which the switch leaves as it is
 
 # (teacher, student) -> (base temperature, kd weight), from the names of logs/KD/*.txt
 KD_PAIRS = {
@@ -144,3 +151,26 @@ def kd_loss(logits_student_in, logits_teacher_in, temperature, reduce=True, logi
     if reduce:
         loss = loss.mean()
     return loss * temperature ** 2
+
+
+# ---- the switch, declared by kd, dkd, mlkd and ctkd (one flag, one help text, whoever declares it first)
+
+def _reference_line():
+    kd_t, kd_w = KD_PAIRS[('resnet32x4', 'resnet8x4')]
+    dkd_t, dkd_w, _ = DKD_PAIRS[('resnet32x4', 'resnet8x4')]
+    mlkd_t, mlkd_w = MLKD_PAIRS[('resnet32x4', 'resnet8x4')]
+    return ('kd -r {:g} -b {:g} --kd_T {:g}; dkd -r 1 -b 1 (alpha x{:g}, beta x{:g}, T {:g}: the defaults of '
+            '--dkd_alpha/--dkd_beta/--dkd_T with the switch); mlkd -r 0.1 -b 1 (kd weight {:g}, T {:g}: the '
+            'defaults of --mlkd_kd_weight/--mlkd_T with the switch); ctkd -r {:g} -b {:g}'.format(
+                KD_CE_WEIGHT, kd_w, kd_t, dkd_w, dkd_w, dkd_t, mlkd_w, mlkd_t, CTKD_CE_WEIGHT, CTKD_KD_WEIGHT))
+
+
+LOGIT_STAND_HELP = ('logit standardisation (Sun et al., CVPR 2024) for kd, dkd, mlkd and ctkd: teacher and '
+                    'student logits are standardised per sample before the softmax. Its reference weights '
+                    '(logit-standardization-KD, resnet32x4 -> resnet8x4): ' + _reference_line() +
+                    '. With kd the KL term moves from -a to -b. Other pairs: distiller_zoo/LS.py')
+
+
+def add_logit_stand_argument(parser):
+    shared_argument(parser, '--logit_stand', action='store_true', default=False,
+                    help=LOGIT_STAND_HELP.replace('%', '%%'))

@@ -26,6 +26,11 @@ _METHODS = {
     'ReviewKD': ['hcl_loss', 'ReviewKD', 'ABF'],
     'CATKD': ['CAT_loss'],
     'SimKD': ['SimKD'],
+    'DKD': ['dkd_loss'],
+    'DIST': ['DIST'],
+    'LS': ['kd_loss', 'normalize'],  # the --logit_stand switch (kd, dkd, mlkd, ctkd); no method of its own
+    'MLKD': ['cc_loss', 'bc_loss'],
+    'CTKD': ['Global_T', 'GradientReversal'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',

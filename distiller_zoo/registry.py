@@ -83,6 +83,7 @@ class Distiller(nn.Module):
     preact_s = None          # the student's / the teacher's own setting where they differ (ReviewKD);
     preact_t = None          # None: ``preact``
     replaces_kd = False      # True: the loop drops alpha * KL_T; the method gives its own logit loss
+                             # (read from the instance: a switch may set it in __init__)
     changes_prediction = False  # True: validation, the best checkpoint and the training accuracy use predict()
 
     @classmethod
@@ -110,7 +111,8 @@ class Distiller(nn.Module):
         weighted by ``-b``; each is logged as ``loss_<name>``).
 
         ``batch`` is a dict with ``'target'`` and, per ``data_mode``/``extra_views``,
-        ``'index'``, ``'contrast_idx'`` and ``'views'`` (already on the run's device).
+        ``'index'``, ``'contrast_idx'`` and ``'views'`` (already on the run's device); with
+        ``extra_views``, ``'view_outputs'`` too: ``(feat_s, feat_t, logit_s, logit_t)`` of each view.
 
         A method that sets ``changes_prediction`` also leaves this step's prediction (what
         ``predict`` gives, from this same pass, detached) in ``self.train_prediction``: the

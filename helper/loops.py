@@ -64,8 +64,10 @@ def as_terms(out, name=DEFAULT_TERM):
 class DistillObjective(nn.Module):
     """``gamma * CE + alpha * KL_T(student, teacher) + beta * sum(method's terms)``.
 
-    What the method needs (pre-activation features, no KL term, its own prediction for the
-    training accuracy) comes from its class attributes; the loop never asks which method runs.
+    What the method needs (pre-activation features, no KL term, extra views, its own prediction
+    for the training accuracy) comes from its attributes; the loop never asks which method runs.
+    A method with ``extra_views`` gets ``batch['view_outputs']``: ``(feat_s, feat_t, logit_s,
+    logit_t)`` of each of ``batch['views']``.
     """
 
     def __init__(self, model_s, model_t, distiller, opt):
@@ -75,10 +77,11 @@ class DistillObjective(nn.Module):
         self.model_s = model_s
         self.model_t = model_t
         self.distiller = distiller
-        method = type(unwrap(distiller))
-        self.preact_s, self.preact_t = preact_modes(method)
-        self.replaces_kd = method.replaces_kd
+        method = unwrap(distiller)
+        self.preact_s, self.preact_t = preact_modes(type(method))
+        self.replaces_kd = method.replaces_kd  # the instance's: a switch (kd --logit_stand) may set it
         self.changes_prediction = method.changes_prediction
+        self.extra_views = method.extra_views
         self.criterion_div = DistillKL(opt.kd_T)
         self.gamma, self.alpha, self.beta = opt.gamma, opt.alpha, opt.beta
 
@@ -105,6 +108,9 @@ class DistillObjective(nn.Module):
 
     def forward(self, x, batch):
         feat_s, feat_t, logit_s, logit_t = self.features(x)
+        if self.extra_views:
+            # each extra view through the same student (its own forward, as the references run them) and teacher
+            batch = dict(batch, view_outputs=[self.features(view) for view in batch['views']])
         loss_cls = F.cross_entropy(logit_s, batch['target'])
         terms = {'cls': loss_cls}
         loss = self.gamma * loss_cls
@@ -344,16 +350,21 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
 
 @torch.no_grad()
 def validate(loader, model, opt, device):
-    """Top-1 %, top-5 % and mean cross-entropy of ``model`` on ``loader`` (reduced across processes)."""
+    """Top-1 %, top-5 % and mean cross-entropy of ``model`` on ``loader`` (reduced across processes).
+
+    Leaves torch's CPU generator as it found it: iterating a DataLoader draws a base seed from it, and a
+    resumed run's teacher validation would otherwise shift the augmentation of every later epoch.
+    """
     model.eval()
     meter = Meter(device)
-    for data in loader:
-        x, batch = to_batch(data, device)
-        x = _prepare_input(x, opt)
-        with autocast(opt, device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), batch['target'])
-        meter.update(loss, logits, batch['target'])
+    with torch.random.fork_rng(devices=[]):
+        for data in loader:
+            x, batch = to_batch(data, device)
+            x = _prepare_input(x, opt)
+            with autocast(opt, device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), batch['target'])
+            meter.update(loss, logits, batch['target'])
     meter.all_reduce()
     top1, top5, loss, _ = meter.values()
     return top1, top5, loss
