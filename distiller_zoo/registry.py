@@ -181,8 +181,7 @@ def reference_weights(name, model_t=None, model_s=None):
 
 def method_table():
     """``{name: {'display_name', 'weights', 'source', 'pair_weights'}}`` of every registered method, in
-    registration order (the order of ``distiller_zoo/__init__.py``). ``scripts/methods.py`` reads the
-    same facts from the method files without importing them."""
+    registration order (the order of ``distiller_zoo/__init__.py``)."""
     return {name: {'display_name': cls.display_name or name, 'weights': reference_weights(name),
                    'source': cls.source, 'pair_weights': dict(cls.pair_weights)}
             for name, cls in DISTILLERS.items()}

@@ -36,7 +36,7 @@ any; the published teachers fetched by scripts/fetch_pretrained_teachers.sh carr
 so give their accuracy with ``--teacher-acc NAME=VALUE`` (which wins over run folders).
 
 Method names, their order and SemCKD's reference weights come from the method files
-(``distiller_zoo``, read by ``scripts/methods.py``). Only the standard library and numpy are needed.
+(``distiller_zoo``, read by ``scripts/methods.py``).
 """
 import argparse
 import csv
@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helper.errors import UserError  # noqa: E402  (plain Python, no torch)
-from scripts.methods import read_methods  # noqa: E402  (reads the method files as source, no torch)
+from scripts.methods import read_methods  # noqa: E402
 
 METHODS = read_methods()
 # the SemCKD paper's rows, in its order; then every other registered method, in registration order

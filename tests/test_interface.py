@@ -266,13 +266,6 @@ def test_interrupted_init_stage_resumes_and_a_finished_one_is_skipped(full_run, 
 
 # ---------------------------------------------------------------------------- facts in one place
 
-def test_scripts_read_the_facts_the_registry_holds():
-    from scripts.methods import read_methods
-    registered = {name: row for name, row in method_table().items() if name != 'toy'}  # toy: this file only
-    assert read_methods() == registered
-    assert list(read_methods()) == list(registered)  # registration order: the sweep's and the tables' order
-
-
 def test_readme_method_table_is_the_generated_one():
     import subprocess
     import sys
