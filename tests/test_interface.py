@@ -65,11 +65,16 @@ class Toy(Distiller):
         Toy.seen['views_ok'].append(views is not None and len(views) == 1
                                     and tuple(views[0].shape) == (len(batch['target']), 3, 32, 32))
         Toy.seen['index_ok'].append('index' in batch and batch['index'].shape == batch['target'].shape)
+        self.train_prediction = self._ranked(logit_s)  # the training accuracy's logits, from this pass
         return {'logit': F.mse_loss(logit_s, logit_t), 'feat': (self.head(feat_s[-1]) - feat_t[-1]).pow(2).mean()
                 + self.other.sum()}
 
     def predict(self, feat_s, logit_s):
         Toy.seen['predicted'] += logit_s.shape[0]
+        return self._ranked(logit_s)
+
+    @staticmethod
+    def _ranked(logit_s):
         return -torch.arange(logit_s.shape[1], dtype=logit_s.dtype, device=logit_s.device).expand_as(logit_s)
 
     def init_stage(self, opt):
@@ -294,19 +299,18 @@ def test_method_flags_live_with_their_methods_and_shared_ones_are_declared_once(
         shared_argument(parser, '--feat_dim', type=int, default=64)
 
 
-def test_pair_weights_reach_the_sweep(tmp_path):
+def test_pair_weights_reach_the_sweep():
+    from distiller_zoo.KD import KDDistiller
     from scripts.methods import read_methods, weight_lines
-    # a copy of distiller_zoo/ with one more method that has per-pair weights and flags
-    import shutil
-    zoo = tmp_path / 'distiller_zoo'
-    shutil.copytree(os.path.join(REPO, 'distiller_zoo'), zoo, ignore=shutil.ignore_patterns('__pycache__'))
-    (zoo / '__init__.py').write_text((zoo / '__init__.py').read_text().replace(
-        "_METHODS = {", "_METHODS = {\n    'Toy2': [],"))
-    (zoo / 'Toy2.py').write_text(
-        "from .KD import KDDistiller\nfrom .registry import register\n\n\n@register('toy2')\n"
-        "class Toy2(KDDistiller):\n    weights = {'beta': 0.5}\n"
-        "    pair_weights = {('resnet32x4', 'resnet8x4'): {'beta': 2, 'hint_layer': 3}}\n")
-    table = read_methods(str(tmp_path))
+
+    @register('toy2')
+    class Toy2(KDDistiller):
+        weights = {'beta': 0.5}
+        pair_weights = {('resnet32x4', 'resnet8x4'): {'beta': 2, 'hint_layer': 3}}
+    try:
+        table = read_methods()
+    finally:
+        unregister('toy2')
     assert table['toy2']['display_name'] == 'KD' and table['toy2']['source'] == table['kd']['source']  # inherited
     lines = [line for line in weight_lines(table) if line.startswith('toy2 ')]
     assert lines == ['toy2 * 1 1 0.5', 'toy2 resnet32x4:resnet8x4 1 1 2 --hint_layer 3']

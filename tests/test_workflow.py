@@ -281,7 +281,8 @@ def test_plot_curves_writes_a_png(tmp_path):
 # ---------------------------------------------------------------------------- sweeps
 def sweep(script, *args, env=None, cwd='/', repo=REPO):
     return subprocess.run(['bash', os.path.join(str(repo), 'scripts', script)] + list(args), capture_output=True,
-                          text=True, timeout=60, cwd=cwd, env=dict(os.environ, **(env or {})))
+                          text=True, timeout=60, cwd=cwd,
+                          env=dict(os.environ, **dict({'PYTHON': sys.executable}, **(env or {}))))
 
 
 def student_commands(stdout):
@@ -358,7 +359,7 @@ def fake_repo(tmp_path):
     """A copy of scripts/ in a bare repo, so runs and logs stay out of the real save/."""
     repo = tmp_path / 'repo'
     shutil.copytree(SCRIPTS, repo / 'scripts', ignore=shutil.ignore_patterns('__pycache__'))
-    for package in ('models', 'helper', 'distiller_zoo'):
+    for package in ('models', 'helper', 'distiller_zoo', 'crd', 'dataset'):
         os.symlink(os.path.join(REPO, package), repo / package)
     return repo
 
