@@ -23,6 +23,7 @@ _METHODS = {
     'IRG': ['IRGLoss'],
     'HKD': ['HKDLoss'],
     'SemCKD': ['SemCKDLoss'],
+    'AB': ['ABLoss'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',
