@@ -24,6 +24,7 @@ _METHODS = {
     'HKD': ['HKDLoss'],
     'SemCKD': ['SemCKDLoss'],
     'AB': ['ABLoss'],
+    'FT': ['FactorTransfer'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',
