@@ -25,6 +25,7 @@ _METHODS = {
     'SemCKD': ['SemCKDLoss'],
     'AB': ['ABLoss'],
     'FT': ['FactorTransfer'],
+    'FSP': ['FSP'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',
