@@ -26,6 +26,7 @@ _METHODS = {
     'AB': ['ABLoss'],
     'FT': ['FactorTransfer'],
     'FSP': ['FSP'],
+    'NST': ['NSTLoss'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',
