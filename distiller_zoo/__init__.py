@@ -27,6 +27,7 @@ _METHODS = {
     'FT': ['FactorTransfer'],
     'FSP': ['FSP'],
     'NST': ['NSTLoss'],
+    'KDSVD': ['KDSVD'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',
