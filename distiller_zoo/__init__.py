@@ -28,6 +28,7 @@ _METHODS = {
     'FSP': ['FSP'],
     'NST': ['NSTLoss'],
     'KDSVD': ['KDSVD'],
+    'OFD': ['feat_loss', 'get_margin_from_BN'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',
