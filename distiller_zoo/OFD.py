@@ -17,7 +17,7 @@ How mdistiller trains OFD on CIFAR-100, the facts ``REFERENCE`` holds:
   (from the BN's weight and bias, the trained teacher's), shaped ``(1, C, 1, 1)``.
   mdistiller indexes them from the first stage even when it dropped leading teacher maps
   (a teacher with more stages than the student); no published pair has that, and the
-  adapter should keep the margins of the kept maps;
+  adapter keeps the margins of the kept maps;
 * connectors: ``ConnectorConvBN(s_channels, t_channels, kernel_size=1)``, one 1x1
   convolution + BN per pair, trained with the student;
 * loss: ``sum_i feat_loss(connector_i(f_s_i), adaptive_avg_pool2d(f_t_i, f_s_i's size)
