@@ -23,6 +23,9 @@ How RepDistiller trains AB (``--distill abound``), the facts ``REFERENCE`` holds
 import torch.nn as nn
 
 from helper.errors import UserError
+from models.util import Connector, get_feat_modules
+
+from .registry import Distiller, InitStage, register, zero_loss
 
 REFERENCE = dict(
     distill='abound',
@@ -89,3 +92,45 @@ def check_ab_pair(s_shapes, t_shapes):
             raise UserError('--distill abound cannot connect stage map {}: the student map is {}x{}, the '
                             "teacher's {}x{} (the connector only upsamples by 2)".format(i + 1, s[2], s[3],
                                                                                         t[2], t[3]))
+
+
+@register('abound')
+class ABDistiller(Distiller):
+    """``--distill abound``: RepDistiller's two-stage AB.
+
+    Init stage (``--init_epochs``, the run's learning rate): ``sum(ABLoss(n)(connector(
+    feat_s[1:-1]), feat_t[1:-1]))`` on pre-activation maps trains the ``Connector`` and the
+    student's ``get_feat_modules()``. Main stage: no AB term (RepDistiller's ``loss_kd = 0``,
+    so ``-b`` multiplies zero): cross-entropy from the initialised student. The connector
+    is trained by the init stage only: frozen and in eval mode otherwise, as RepDistiller
+    keeps it out of the optimiser and in eval mode.
+    """
+    display_name = 'AB'
+    source = 'HobbitLong/RepDistiller distiller_zoo/AB.py, models/util.py, helper/pretrain.py'
+    weights = {'gamma': REFERENCE['gamma'], 'alpha': REFERENCE['alpha'], 'beta': REFERENCE['beta']}
+    preact = REFERENCE['preact']
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        s_shapes = [f.shape for f in feat_s[REFERENCE['features']]]
+        t_shapes = [f.shape for f in feat_t[REFERENCE['features']]]
+        check_ab_pair(s_shapes, t_shapes)
+        # a plain list: the student's modules are the student's, not parameters of the distiller
+        self._feat_modules = [get_feat_modules(model_s)]
+        self.connector = Connector(s_shapes, t_shapes).requires_grad_(False)
+        self.criterion = ABLoss(len(s_shapes), margin=REFERENCE['margin'])
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.connector.eval()  # the init stage sets it to train mode itself
+        return self
+
+    def init_stage(self, opt):
+        return InitStage(opt.init_epochs, [self.connector, self._feat_modules[0]], lr=opt.learning_rate)
+
+    def init_loss(self, feat_s, feat_t, logit_s, logit_t, batch):
+        g_s = self.connector(feat_s[REFERENCE['features']])
+        return sum(self.criterion(g_s, feat_t[REFERENCE['features']]))
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        return zero_loss(logit_s)

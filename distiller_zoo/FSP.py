@@ -25,6 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helper.errors import UserError
+from models.util import get_feat_modules
+
+from .registry import Distiller, InitStage, register, zero_loss
 
 REFERENCE = dict(
     distill='fsp',
@@ -94,3 +97,35 @@ class FSP(nn.Module):
             top = top.flatten(2)
             fsp_list.append(top @ bot.transpose(1, 2) / bot.shape[2])
         return fsp_list
+
+
+@register('fsp')
+class FSPDistiller(Distiller):
+    """``--distill fsp``: RepDistiller's two-stage FSP.
+
+    Init stage (``--init_epochs``, the run's learning rate): ``sum(FSP(feat_s[:-1],
+    feat_t[:-1]))`` trains the student's ``get_feat_modules()``. Main stage: no FSP term
+    (RepDistiller's ``loss_kd = 0``, so ``-b`` multiplies zero): cross-entropy from the
+    initialised student. A pair FSP cannot compare is refused when the method is built
+    (``check_fsp_pair``).
+    """
+    display_name = 'FSP'
+    source = 'HobbitLong/RepDistiller distiller_zoo/FSP.py, helper/pretrain.py'
+    weights = {'gamma': REFERENCE['gamma'], 'alpha': REFERENCE['alpha'], 'beta': REFERENCE['beta']}
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        i = REFERENCE['features']
+        self.criterion = FSP([f.shape for f in feat_s[i]], [f.shape for f in feat_t[i]])
+        # a plain list: the student's modules are the student's, not parameters of the distiller
+        self._feat_modules = [get_feat_modules(model_s)]
+
+    def init_stage(self, opt):
+        return InitStage(opt.init_epochs, [self._feat_modules[0]], lr=opt.learning_rate)
+
+    def init_loss(self, feat_s, feat_t, logit_s, logit_t, batch):
+        i = REFERENCE['features']
+        return sum(self.criterion(feat_s[i], feat_t[i]))
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        return zero_loss(logit_s)

@@ -20,8 +20,13 @@ How RepDistiller trains FT (``--distill factor``), the facts ``REFERENCE`` holds
   optimiser (the reference lets gradients reach its weights without ever applying them,
   so computing the teacher factor without gradients gives the same training).
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.util import Paraphraser, Translator
+
+from .registry import Distiller, InitStage, register
 
 # helper/pretrain.py: students whose paraphraser is trained at lr 0.01 in the init stage
 FT_LR_STUDENTS = ('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
@@ -86,3 +91,49 @@ class FactorTransfer(nn.Module):
 
     def factor(self, f):
         return F.normalize(f.pow(self.p1).mean(1).reshape(f.shape[0], -1))
+
+
+@register('factor')
+class FTDistiller(Distiller):
+    """``--distill factor``: RepDistiller's two-stage FT.
+
+    Init stage (``--init_epochs``; lr 0.01 for ``FT_LR_STUDENTS``, else the run's): the
+    ``Paraphraser`` learns to reconstruct the teacher's last stage map,
+    ``MSE(paraphraser(f_t)[1], f_t)``; nothing else trains. Main stage:
+    ``FactorTransfer()(translator(feat_s[-2]), paraphraser(feat_t[-2], is_factor=True))``
+    with the ``Translator`` trained with the student. After the stage the paraphraser is
+    frozen and in eval mode (RepDistiller keeps it out of the optimiser, in eval mode); its
+    factor is computed without a graph, since the reference's gradients into it are never
+    applied.
+    """
+    display_name = 'FT'
+    source = 'HobbitLong/RepDistiller distiller_zoo/FT.py, models/util.py, helper/pretrain.py'
+    weights = {'gamma': REFERENCE['gamma'], 'alpha': REFERENCE['alpha'], 'beta': REFERENCE['beta']}
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        i, k = REFERENCE['features'], REFERENCE['k']
+        s_shape, t_shape = feat_s[i].shape, feat_t[i].shape
+        self.paraphraser = Paraphraser(t_shape, k=k, use_bn=REFERENCE['paraphraser_use_bn']).requires_grad_(False)
+        self.translator = Translator(s_shape, t_shape, k=k, use_bn=REFERENCE['translator_use_bn'])
+        self.criterion = FactorTransfer(p1=REFERENCE['p1'], p2=REFERENCE['p2'])
+        self.criterion_init = nn.MSELoss()
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.paraphraser.eval()  # the init stage sets it to train mode itself
+        return self
+
+    def init_stage(self, opt):
+        return InitStage(opt.init_epochs, [self.paraphraser], lr=init_learning_rate(opt.model_s, opt.learning_rate))
+
+    def init_loss(self, feat_s, feat_t, logit_s, logit_t, batch):
+        f_t = feat_t[REFERENCE['features']]
+        _, f_t_rec = self.paraphraser(f_t)
+        return self.criterion_init(f_t_rec, f_t)
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        i = REFERENCE['features']
+        with torch.no_grad():
+            factor_t = self.paraphraser(feat_t[i], is_factor=True)
+        return self.criterion(self.translator(feat_s[i]), factor_t)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from helper.errors import UserError
 
+from .registry import Distiller, register, zero_loss
+
 REFERENCE = dict(
     distill='kdsvd',
     gamma=1.0, alpha=0.0, beta=1.0,  # mdistiller cfg.py KDSVD.LOSS (CE_WEIGHT 1, FEAT_WEIGHT 1); RepDistiller: none
@@ -132,3 +134,29 @@ class KDSVD(nn.Module):
         max_abs_cosine, _ = cosine.abs().max(1, keepdim=True)
         mask = torch.where(max_abs_cosine == cosine.abs(), cosine.sign(), torch.zeros_like(cosine))
         return a @ mask, b
+
+
+@register('kdsvd')
+class KDSVDDistiller(Distiller):
+    """``--distill kdsvd``: ``sum(KDSVD()(feat_s[1:-1], feat_t[1:-1]))``, as RepDistiller.
+
+    RepDistiller gives no ``-b`` for KDSVD; the reference weights (``-r 1 -a 0 -b 1``) are
+    mdistiller's CIFAR-100 ones (``mdistiller/engine/cfg.py``: KDSVD.LOSS CE_WEIGHT 1,
+    FEAT_WEIGHT 1; ``configs/cifar100/kdsvd.yaml``: resnet32x4 -> resnet8x4, no KD term),
+    which its table's KDSVD row was trained with, on its own variant of the loss (see above).
+    A pair whose stage maps differ in channels is refused when the method is built.
+    """
+    display_name = 'KDSVD'
+    source = 'HobbitLong/RepDistiller distiller_zoo/KDSVD.py; weights: megvii-research/mdistiller mdistiller/engine/cfg.py'
+    weights = {'gamma': REFERENCE['gamma'], 'alpha': REFERENCE['alpha'], 'beta': REFERENCE['beta']}
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        i = REFERENCE['features']
+        check_kdsvd_pair([f.shape for f in feat_s[i]], [f.shape for f in feat_t[i]])
+        self.criterion = KDSVD(k=REFERENCE['k'])
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        i = REFERENCE['features']
+        # the start value keeps a tensor when there is a single stage map (no pair of layers)
+        return sum(self.criterion(feat_s[i], feat_t[i]), zero_loss(logit_s))

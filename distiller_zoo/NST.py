@@ -12,6 +12,8 @@ over the stage maps ``feat[1:-1]`` (after their ReLU), no extra module, no init 
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import Distiller, register
+
 REFERENCE = dict(
     distill='nst',
     gamma=1.0, alpha=0.0, beta=50.0,  # scripts/run_cifar_distill.sh: -a 0 -b 50
@@ -56,3 +58,19 @@ class NSTLoss(nn.Module):
     def poly_kernel(a, b):
         """``(B, C_b, C_a)`` squared dot products of the rows of ``b`` and ``a``."""
         return (b @ a.transpose(1, 2)).pow(2)
+
+
+@register('nst')
+class NSTDistiller(Distiller):
+    """``--distill nst``: ``sum(NSTLoss()(feat_s[1:-1], feat_t[1:-1]))``, as RepDistiller."""
+    display_name = 'NST'
+    source = 'HobbitLong/RepDistiller distiller_zoo/NST.py'
+    weights = {'gamma': REFERENCE['gamma'], 'alpha': REFERENCE['alpha'], 'beta': REFERENCE['beta']}
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        self.criterion = NSTLoss()
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        i = REFERENCE['features']
+        return sum(self.criterion(feat_s[i], feat_t[i]))

@@ -17,7 +17,7 @@ How mdistiller trains OFD on CIFAR-100, the facts ``REFERENCE`` holds:
   (from the BN's weight and bias, the trained teacher's), shaped ``(1, C, 1, 1)``.
   mdistiller indexes them from the first stage even when it dropped leading teacher maps
   (a teacher with more stages than the student); no published pair has that, and the
-  adapter should keep the margins of the kept maps;
+  adapter keeps the margins of the kept maps;
 * connectors: ``ConnectorConvBN(s_channels, t_channels, kernel_size=1)``, one 1x1
   convolution + BN per pair, trained with the student;
 * loss: ``sum_i feat_loss(connector_i(f_s_i), adaptive_avg_pool2d(f_t_i, f_s_i's size)
@@ -35,6 +35,11 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from helper.errors import UserError
+
+from .registry import Distiller, register
 
 REFERENCE = dict(
     distill='ofd',
@@ -128,3 +133,68 @@ class ConnectorConvBN(nn.Module):
 
     def forward(self, g_s):
         return [connector(f) for connector, f in zip(self.connectors, g_s)]
+
+
+def teacher_margins(model_t, t_channels):
+    """``get_margin_from_BN`` of each BN layer that ``model_t.get_bn_before_relu()`` names,
+    one per teacher stage map of ``t_channels`` channels; ``UserError`` for a teacher
+    without them."""
+    if not hasattr(model_t, 'get_bn_before_relu'):
+        raise UserError('{} cannot be the teacher of --distill ofd: it names no BN layers before its ReLUs '
+                        '(get_bn_before_relu) to take margins from; choose a CIFAR teacher'.format(type(model_t).__name__))
+    bns = model_t.get_bn_before_relu()  # raises UserError itself where no reference has such a teacher
+    channels = [bn.num_features for bn in bns]
+    if channels != list(t_channels):
+        raise UserError('--distill ofd needs one BN layer before a ReLU per teacher stage map, but {} names BN layers '
+                        'of {} channels for maps of {}; choose another teacher'.format(type(model_t).__name__,
+                                                                                      channels, list(t_channels)))
+    return [get_margin_from_BN(bn) for bn in bns]
+
+
+@register('ofd')
+class OFDDistiller(Distiller):
+    """``--distill ofd``: mdistiller's OFD on the stage maps before their ReLU.
+
+    ``sum_i feat_loss(connector_i(g_s[i]), adaptive_avg_pool2d(g_t[i], g_s[i]'s size),
+    margin_i) / 2**(n - 1 - i)`` over the last ``n = min`` stage maps of both networks
+    (``feat[1:-1]`` with ``preact``). The margins come from the BN layers of the teacher
+    passed in (the original module, not a BN-folded copy), computed once here as both
+    references do; they are not saved in checkpoints, since the teacher gives them again.
+
+    Kept reference quirk (``teacher_train_mode``): mdistiller's ``OFD.train()`` and the
+    authors' ``t_net.train()`` run the frozen teacher in train mode, so its BN layers
+    normalise each batch with the batch's own statistics (and update running statistics
+    that nothing reads: only the student is evaluated, and the margins come from the BN
+    weights and biases). The published CIFAR-100 numbers were trained against those
+    teacher features, so the default keeps them.
+    """
+    display_name = 'OFD'
+    source = ('megvii-research/mdistiller mdistiller/distillers/OFD.py, configs/cifar100/ofd.yaml; '
+              'clovaai/overhaul-distillation CIFAR-100/distiller.py')
+    weights = {'gamma': REFERENCE['gamma'], 'alpha': REFERENCE['alpha'], 'beta': REFERENCE['beta']}
+    preact = REFERENCE['preact']
+    teacher_train_mode = REFERENCE['teacher_train_mode']
+
+    def __init__(self, feat_s, feat_t, opt, model_s=None, model_t=None):
+        super().__init__(feat_s, feat_t, opt, model_s, model_t)
+        if model_t is None:
+            raise ValueError('--distill ofd needs the teacher (model_t) for its margins')
+        i = REFERENCE['features']
+        g_s, g_t = feat_s[i], feat_t[i]
+        margins = teacher_margins(model_t, [f.shape[1] for f in g_t])
+        # both lists keep their last n maps (mdistiller's _align_list), the margins those of the kept teacher maps
+        self.n = min(len(g_s), len(g_t))
+        self.connectors = ConnectorConvBN([f.shape[1] for f in g_s[-self.n:]], [f.shape[1] for f in g_t[-self.n:]],
+                                          kernel_size=REFERENCE['connector_kernel_size'])
+        for k, margin in enumerate(margins[-self.n:]):
+            self.register_buffer('margin{}'.format(k + 1), margin.reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, feat_s, feat_t, logit_s, logit_t, batch):
+        i, n = REFERENCE['features'], self.n
+        g_s = self.connectors(feat_s[i][-n:])
+        g_t = feat_t[i][-n:]
+        loss = 0
+        for k, (s, t) in enumerate(zip(g_s, g_t)):
+            t = F.adaptive_avg_pool2d(t, s.shape[-2:]).detach()
+            loss = loss + feat_loss(s, t, getattr(self, 'margin{}'.format(k + 1))) / 2 ** (n - k - 1)
+        return loss

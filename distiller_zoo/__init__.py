@@ -31,6 +31,12 @@ _METHODS = {
     'LS': ['kd_loss', 'normalize'],  # the --logit_stand switch (kd, dkd, mlkd, ctkd); no method of its own
     'MLKD': ['cc_loss', 'bc_loss'],
     'CTKD': ['Global_T', 'GradientReversal'],
+    'AB': ['ABLoss'],
+    'FT': ['FactorTransfer'],
+    'FSP': ['FSP'],
+    'NST': ['NSTLoss'],
+    'KDSVD': ['KDSVD'],
+    'OFD': ['feat_loss', 'get_margin_from_BN'],
 }
 
 __all__ = ['DISTILLERS', 'Distiller', 'InitStage', 'StudentPredictor', 'build_distiller', 'method_table',

@@ -49,10 +49,24 @@ class InitStage:
     include the student or parts of it) at the constant learning rate ``lr``, with the run's
     momentum and weight decay. The teacher and every other module stay in eval mode and are
     not updated.
+
+    A module that only the stage trains (FT's paraphraser, AB's connector) is frozen by its
+    method (``requires_grad`` False), so that the main stage's optimiser and DDP wrapper,
+    built before the loop asks for the stage, leave it out. The stage trains it all the
+    same: a stage with epochs lets every parameter of ``modules_to_train`` require a
+    gradient when it is built, and ``InitObjective.finish`` freezes the ``frozen`` ones again
+    before the main stage.
     """
     epochs: int
     modules_to_train: List[nn.Module] = field(default_factory=list)
     lr: float = 0.05
+    frozen: List[nn.Parameter] = field(init=False, repr=False, compare=False, default_factory=list)
+
+    def __post_init__(self):
+        if self.epochs > 0:
+            self.frozen = [p for m in self.modules_to_train for p in m.parameters() if not p.requires_grad]
+            for p in self.frozen:
+                p.requires_grad_(True)
 
 
 class Distiller(nn.Module):
@@ -84,6 +98,8 @@ class Distiller(nn.Module):
     preact_t = None          # None: ``preact``
     replaces_kd = False      # True: the loop drops alpha * KL_T; the method gives its own logit loss
                              # (read from the instance: a switch may set it in __init__)
+    teacher_train_mode = False  # True: the frozen teacher runs in train mode (BN on batch statistics) in the
+                                # main stage, a reference quirk kept where published numbers depend on it (OFD)
     changes_prediction = False  # True: validation, the best checkpoint and the training accuracy use predict()
 
     @classmethod

@@ -82,12 +82,16 @@ class DistillObjective(nn.Module):
         self.replaces_kd = method.replaces_kd  # the instance's: a switch (kd --logit_stand) may set it
         self.changes_prediction = method.changes_prediction
         self.extra_views = method.extra_views
+        self.teacher_train_mode = method.teacher_train_mode
         self.criterion_div = DistillKL(opt.kd_T)
         self.gamma, self.alpha, self.beta = opt.gamma, opt.alpha, opt.beta
 
     def train(self, mode=True):
         super().train(mode)
-        self.model_t.eval()  # the teacher is frozen, BN statistics included
+        # the teacher is frozen: never updated by the optimiser, and in eval mode unless the method
+        # keeps a reference that ran it in train mode (its BN layers then normalise with the batch's
+        # statistics and update running ones that nothing reads)
+        self.model_t.train(mode and self.teacher_train_mode)
         return self
 
     def on_epoch_start(self, epoch):
@@ -139,6 +143,7 @@ class InitObjective(nn.Module):
         super().__init__()
         self.objective = objective
         self.trained = nn.ModuleList(stage.modules_to_train)
+        self.frozen = stage.frozen
 
     def train(self, mode=True):
         self.objective.train(False)
@@ -149,6 +154,11 @@ class InitObjective(nn.Module):
 
     def on_epoch_start(self, epoch):
         pass
+
+    def finish(self):
+        """Freeze again the modules that only the stage trains (see ``InitStage``)."""
+        for p in self.frozen:
+            p.requires_grad_(False)
 
     def forward(self, x, batch):
         o = self.objective

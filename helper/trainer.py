@@ -233,6 +233,8 @@ class Trainer:
                 save_checkpoint(self._full_state(0, 0.0), self._path('{}_last.pth'.format(self.prefix)))
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.barrier()
+        if self.init_objective is not None:
+            self.init_objective.finish()
 
     def _end_of_epoch(self, epoch, lr, train, test_acc, test_acc_top5, test_loss, runlog):
         opt = self.opt

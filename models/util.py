@@ -62,6 +62,17 @@ def get_global_pool(model):
         type(model).__name__, ' / '.join(GLOBAL_POOL_NAMES)))
 
 
+def get_feat_modules(model, role='student'):
+    """``model.get_feat_modules()``: the layers up to the last stage map (RepDistiller's
+    accessor; the init stages of AB and FSP train them). A network that names none (the
+    ImageNet families) raises ``UserError``."""
+    model = _unwrap(model)
+    if not hasattr(model, 'get_feat_modules'):
+        raise UserError('this method trains the feature layers (get_feat_modules) of the {} in its init stage, '
+                        'which {} does not name; choose a CIFAR network'.format(role, type(model).__name__))
+    return model.get_feat_modules()
+
+
 class PoolInput:
     """Keeps the input of a network's global pooling from its latest forward pass.
 
