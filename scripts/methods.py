@@ -9,6 +9,7 @@ the sweep, the summary, the README and people:
     python scripts/methods.py --weights    # for scripts/run_cifar_distill.sh, one line per method (pair '*')
                                            # and per pair override: 'name teacher:student gamma alpha beta [flags]'
     python scripts/methods.py --markdown   # the README's method table
+    python scripts/methods.py --update-readme   # write that table into README.md (between its markers)
 
 It imports ``distiller_zoo`` and prints ``method_table()``, so what the sweep, the summary and the README
 show is what the training script registers.
@@ -47,6 +48,17 @@ def markdown(table=None):
     return '\n'.join(lines)
 
 
+def update_readme(table=None, path=os.path.join(REPO, 'README.md')):
+    """Replace the table between the README's markers with the generated one (atomically)."""
+    with open(path) as f:
+        text = f.read()
+    begin, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text[:begin] + '\n' + markdown(table) + '\n' + text[end:])
+    os.replace(tmp, path)
+
+
 def weight_lines(table=None):
     """Each method's reference weights (pair '*'), then each of its per-pair overrides (weights and
     method flags)."""
@@ -67,10 +79,13 @@ def main(argv=None):
     what.add_argument('--weights', action='store_true',
                       help="lines 'name pair gamma alpha beta [--flag value ...]', pair '*' or teacher:student")
     what.add_argument('--markdown', action='store_true', help="the README's method table")
+    what.add_argument('--update-readme', action='store_true', help="write the table into README.md")
     args = parser.parse_args(argv)
     table = read_methods()
     if args.markdown:
         print(markdown(table))
+    elif args.update_readme:
+        update_readme(table)
     elif args.weights:
         for line in weight_lines(table):
             print(line)
