@@ -66,10 +66,16 @@ class DistillObjective(nn.Module):
         feat_s, logit_s = self.model_s(x, is_feat=True)
         with torch.no_grad():
             feat_t, logit_t = self.model_t(x, is_feat=True)
-        loss_cls = F.cross_entropy(logit_s, batch['target'])
-        loss_div = self.criterion_div(logit_s, logit_t)
-        loss_kd = self.distiller(feat_s, feat_t, logit_s, logit_t, batch)
-        loss = self.gamma * loss_cls + self.alpha * loss_div + self.beta * loss_kd
+        # The models may run under autocast, the losses never: Gram matrices, distances and
+        # softmaxes of low-precision features overflow in fp16 and lose most digits in bf16.
+        # Every term (the method's adapters included) runs in float32 on float32 copies.
+        with loss_precision(x.device):
+            feat_s, feat_t = [f.float() for f in feat_s], [f.float() for f in feat_t]
+            logit_s, logit_t = logit_s.float(), logit_t.float()
+            loss_cls = F.cross_entropy(logit_s, batch['target'])
+            loss_div = self.criterion_div(logit_s, logit_t)
+            loss_kd = self.distiller(feat_s, feat_t, logit_s, logit_t, batch)
+            loss = self.gamma * loss_cls + self.alpha * loss_div + self.beta * loss_kd
         return loss, logit_s, {'cls': loss_cls, 'div': loss_div, 'kd': loss_kd}
 
 
@@ -90,6 +96,11 @@ def autocast(opt, device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if opt.amp == 'bf16' else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loss_precision(device):
+    """Autocast off, whatever the caller turned on: losses are computed in float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _prepare_input(x, opt):
