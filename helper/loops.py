@@ -211,7 +211,17 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
 
 @torch.no_grad()
 def validate(loader, model, opt, device):
-    """Top-1 %, top-5 % and mean cross-entropy of ``model`` on ``loader`` (reduced across processes)."""
+    """Top-1 %, top-5 % and mean cross-entropy of ``model`` on ``loader`` (reduced across processes).
+
+    A measurement leaves the run's random streams alone: a DataLoader iterator takes its base
+    seed from torch's global generator, and a resumed run evaluates its teacher after restoring
+    that generator, so a draw here would shift every later augmentation.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        return _validate(loader, model, opt, device)
+
+
+def _validate(loader, model, opt, device):
     model.eval()
     meter = Meter(device)
     for data in loader:
