@@ -282,24 +282,39 @@ def test_interrupted_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch)
 def test_sigkill_during_large_checkpoint_writes(tmp_path):
     """Kill a writer process at many moments while it rewrites a large checkpoint: the file always loads."""
     path = tmp_path / 'big.pth'
-    code = ('import sys, torch; sys.path.insert(0, {!r}); from helper.util import save_checkpoint\n'
-            'i = 0\n'
-            'while True:\n'
-            '    i += 1\n'
-            '    save_checkpoint({{"w": torch.full((4_000_000,), float(i)), "i": i}}, {!r})\n'
-            '    if i == 1:\n'
-            '        print("first", flush=True)\n').format(REPO, str(path))
+    # one interpreter imports torch once and forks a fresh writer process for each kill
+    code = ('import os, sys, torch; sys.path.insert(0, {!r}); from helper.util import save_checkpoint\n'
+            'for request in sys.stdin:\n'
+            '    pid = os.fork()\n'
+            '    if pid == 0:\n'
+            '        i = 0\n'
+            '        while True:\n'
+            '            i += 1\n'
+            '            save_checkpoint({{"w": torch.full((4_000_000,), float(i)), "i": i}}, {!r})\n'
+            '            if i == 1:\n'
+            '                print("first", os.getpid(), flush=True)\n'
+            '    _, status = os.waitpid(pid, 0)\n'
+            '    print("gone", os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, flush=True)\n'
+            ).format(REPO, str(path))
+    server = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=script_env(), text=True)
     seen = []
-    for delay in (0.0, 0.03, 0.07, 0.11, 0.17, 0.23, 0.31, 0.43):
-        proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE)
-        assert proc.stdout.readline().strip() == b'first'
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        ckpt = torch.load(path, weights_only=False)
-        assert torch.all(ckpt['w'] == float(ckpt['i']))
-        seen.append(ckpt['i'])
-        assert [p.name for p in tmp_path.iterdir() if not p.name.startswith('.')] == ['big.pth']
+    try:
+        for delay in (0.0, 0.03, 0.07, 0.11, 0.17, 0.23, 0.31, 0.43):
+            server.stdin.write('go\n')
+            server.stdin.flush()
+            word, pid = server.stdout.readline().split()
+            assert word == 'first'
+            time.sleep(delay)
+            os.kill(int(pid), signal.SIGKILL)
+            assert server.stdout.readline().split() == ['gone', str(int(signal.SIGKILL))]
+            ckpt = torch.load(path, weights_only=False)
+            assert torch.all(ckpt['w'] == float(ckpt['i']))
+            seen.append(ckpt['i'])
+            assert [p.name for p in tmp_path.iterdir() if not p.name.startswith('.')] == ['big.pth']
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
     assert max(seen) > 1  # kills did land while later versions were being written
 
 
