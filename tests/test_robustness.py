@@ -15,7 +15,7 @@ import torch
 
 import train_student
 import train_teacher
-from conftest import REPO, run_in_process, run_script, script_env
+from conftest import REPO, run_in_process, script_env
 from helper.trainer import run_main
 
 SMALL = ['--dataset', 'synthetic', '--synthetic_train_size', '96', '--synthetic_val_size', '64',
