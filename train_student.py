@@ -83,9 +83,7 @@ def worker(opt):
     if is_main(opt):
         prepare_save_folder(opt.save_folder)
     if not opt.skip_validation:
-        # the RNGs are left as they were (a loader draws its seed), so a resumed run continues from its saved state
-        with torch.random.fork_rng(devices=[device.index] if device.type == 'cuda' else []):
-            acc, acc5, _ = validate(trainer.val_loader, trainer.objective.model_t, opt, device)
+        acc, acc5, _ = validate(trainer.val_loader, trainer.objective.model_t, opt, device)
         log('teacher accuracy: {:.2f} (acc@5 {:.2f})'.format(acc, acc5))
     else:
         log('skipping teacher validation')

@@ -114,16 +114,21 @@ class DistillObjective(nn.Module):
         feat_s, feat_t, logit_s, logit_t = self.features(x)
         if self.extra_views:
             # each extra view through the same student (its own forward, as the references run them) and teacher
-            batch = dict(batch, view_outputs=[self.features(view) for view in batch['views']])
-        loss_cls = F.cross_entropy(logit_s, batch['target'])
-        terms = {'cls': loss_cls}
-        loss = self.gamma * loss_cls
-        if not self.replaces_kd:
-            loss_div = self.criterion_div(logit_s, logit_t)
-            terms['div'] = loss_div
-            loss = loss + self.alpha * loss_div
-        method = self.method_terms(self.distiller, feat_s, feat_t, logit_s, logit_t, batch)
-        loss = loss + self.beta * sum(method.values())
+            batch = dict(batch, view_outputs=[float32(*self.features(view)) for view in batch['views']])
+        # The models may run under autocast, the losses never: Gram matrices, distances and
+        # softmaxes of low-precision features overflow in fp16 and lose most digits in bf16.
+        # Every term (the method's adapters included) runs in float32 on float32 copies.
+        with loss_precision(x.device):
+            feat_s, feat_t, logit_s, logit_t = float32(feat_s, feat_t, logit_s, logit_t)
+            loss_cls = F.cross_entropy(logit_s, batch['target'])
+            terms = {'cls': loss_cls}
+            loss = self.gamma * loss_cls
+            if not self.replaces_kd:
+                loss_div = self.criterion_div(logit_s, logit_t)
+                terms['div'] = loss_div
+                loss = loss + self.alpha * loss_div
+            method = self.method_terms(self.distiller, feat_s, feat_t, logit_s, logit_t, batch)
+            loss = loss + self.beta * sum(method.values())
         terms.update(method)
         # the training accuracy of a method that changes the prediction is that prediction's
         logits = unwrap(self.distiller).train_prediction if self.changes_prediction else logit_s
@@ -163,7 +168,9 @@ class InitObjective(nn.Module):
     def forward(self, x, batch):
         o = self.objective
         feat_s, feat_t, logit_s, logit_t = o.features(x, model_s=unwrap(o.model_s))
-        terms = o.method_terms(unwrap(o.distiller).init_loss, feat_s, feat_t, logit_s, logit_t, batch, 'init')
+        with loss_precision(x.device):
+            feat_s, feat_t, logit_s, logit_t = float32(feat_s, feat_t, logit_s, logit_t)
+            terms = o.method_terms(unwrap(o.distiller).init_loss, feat_s, feat_t, logit_s, logit_t, batch, 'init')
         return sum(terms.values()), logit_s, terms
 
     def sync_gradients(self):
@@ -199,6 +206,16 @@ def autocast(opt, device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if opt.amp == 'bf16' else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loss_precision(device):
+    """Autocast off, whatever the caller turned on: losses are computed in float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def float32(feat_s, feat_t, logit_s, logit_t):
+    """float32 copies of one pass's features and logits (the losses' inputs; a no-op in float32)."""
+    return [f.float() for f in feat_s], [f.float() for f in feat_t], logit_s.float(), logit_t.float()
 
 
 def _prepare_input(x, opt):
@@ -362,19 +379,24 @@ def train_epoch(epoch, loader, objective, optimizer, opt, device, scaler=None, l
 def validate(loader, model, opt, device):
     """Top-1 %, top-5 % and mean cross-entropy of ``model`` on ``loader`` (reduced across processes).
 
-    Leaves torch's CPU generator as it found it: iterating a DataLoader draws a base seed from it, and a
-    resumed run's teacher validation would otherwise shift the augmentation of every later epoch.
+    A measurement leaves the run's random streams alone: a DataLoader iterator takes its base
+    seed from torch's global generator, and a resumed run evaluates its teacher after restoring
+    that generator, so a draw here would shift every later augmentation.
     """
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        return _validate(loader, model, opt, device)
+
+
+def _validate(loader, model, opt, device):
     model.eval()
     meter = Meter(device)
-    with torch.random.fork_rng(devices=[]):
-        for data in loader:
-            x, batch = to_batch(data, device)
-            x = _prepare_input(x, opt)
-            with autocast(opt, device):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), batch['target'])
-            meter.update(loss, logits, batch['target'])
+    for data in loader:
+        x, batch = to_batch(data, device)
+        x = _prepare_input(x, opt)
+        with autocast(opt, device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), batch['target'])
+        meter.update(loss, logits, batch['target'])
     meter.all_reduce()
     top1, top5, loss, _ = meter.values()
     return top1, top5, loss

@@ -1,14 +1,15 @@
-"""End to end through the real command line: a synthetic teacher, then a student per method."""
+"""End to end: a synthetic teacher, then a student per method (each run's main(argv), in this process)."""
 import json
 import os
 
 import pytest
 import torch
 
+import train_student
+from conftest import TEACHER_DATA, run_in_process
 from distiller_zoo import method_table
 
-SMALL = ['--dataset', 'synthetic', '--synthetic_train_size', '256', '--synthetic_val_size', '128',
-         '--batch_size', '32', '--num_workers', '0', '--print-freq', '4']
+SMALL = TEACHER_DATA
 
 
 def read_metrics(folder):
@@ -17,13 +18,11 @@ def read_metrics(folder):
 
 
 @pytest.fixture(scope='module')
-def teacher(tmp_path_factory):
-    """A resnet8 teacher trained two epochs on the synthetic set; returns (cwd, checkpoint path, stdout)."""
-    from conftest import run_script
-    cwd = tmp_path_factory.mktemp('teacher')
-    proc = run_script('train_teacher.py', ['--model', 'resnet8', '--epochs', '2', '--seed', '1'] + SMALL, cwd)
-    folder = cwd / 'save' / 'models' / 'resnet8_synthetic_lr_0.05_decay_0.0005_trial_0'
-    return cwd, folder, proc.stdout
+def teacher(teacher_run, tmp_path_factory):
+    """The session's resnet8 teacher (two epochs on the synthetic set) and a folder for students:
+    (cwd, teacher run folder, teacher stdout)."""
+    folder, stdout = teacher_run
+    return tmp_path_factory.mktemp('students'), folder, stdout
 
 
 def test_teacher_run_writes_every_output(teacher):
@@ -83,11 +82,12 @@ def test_every_method_declares_its_facts():
 
 
 @pytest.mark.parametrize('distill', sorted(METHOD_WEIGHTS))
-def test_student_run_for_every_method(teacher, run, distill):
+def test_student_run_for_every_method(teacher, distill):
     cwd, folder, _ = teacher
     w = METHOD_WEIGHTS[distill]
-    run('train_student.py', ['--path-t', folder / 'resnet8_best.pth', '--model_s', 'wrn_16_1', '--distill', distill,
-                             '-r', w['gamma'], '-a', w['alpha'], '-b', w['beta']] + TINY, cwd)
+    run_in_process(train_student.main, ['--path-t', folder / 'resnet8_best.pth', '--model_s', 'wrn_16_1',
+                                        '--distill', distill, '-r', w['gamma'], '-a', w['alpha'], '-b', w['beta']]
+                   + TINY, cwd)
     out = student_folder(cwd, 'wrn_16_1', 'resnet8', distill, w['beta'], gamma=w['gamma'], alpha=w['alpha'])
     metrics = read_metrics(out)
     assert [m['epoch'] for m in metrics] == [1]
@@ -101,13 +101,17 @@ def test_student_run_for_every_method(teacher, run, distill):
     assert isinstance(last['data_seed'], int)  # a resumed run keeps the epoch order of an unseeded run
 
 
-def test_hkd_two_pass_recipe(teacher, run):
+def test_hkd_two_pass_recipe(teacher):
     """pkt into an intermediate student, then hkd from that student's run folder (teacher parsed from S:...)."""
     cwd, folder, _ = teacher
-    run('train_student.py', ['--path-t', folder / 'resnet8_best.pth', '--model_s', 'resnet8x4', '--distill',
-                             'pkt', '-b', '30000', '--trial', 'p1'] + TINY, cwd)
+    # the recipe's intermediate network is resnet8x4, 16x resnet8's cost per image: a smaller set
+    tiny = TINY[:]
+    for flag, value in (('--synthetic_train_size', '32'), ('--synthetic_val_size', '16'), ('--batch_size', '16')):
+        tiny[tiny.index(flag) + 1] = value
+    run_in_process(train_student.main, ['--path-t', folder / 'resnet8_best.pth', '--model_s', 'resnet8x4',
+                                        '--distill', 'pkt', '-b', '30000', '--trial', 'p1'] + tiny, cwd)
     first = student_folder(cwd, 'resnet8x4', 'resnet8', 'pkt', 30000, 'p1')
-    proc = run('train_student.py', ['--path-t', first / 'resnet8x4_best.pth', '--model_s', 'resnet8',
-                                    '--distill', 'hkd', '-b', '1', '--trial', 'p2'] + TINY, cwd)
-    assert 'teacher resnet8x4' in proc.stdout
+    stdout = run_in_process(train_student.main, ['--path-t', first / 'resnet8x4_best.pth', '--model_s', 'resnet8',
+                                                 '--distill', 'hkd', '-b', '1', '--trial', 'p2'] + tiny, cwd)
+    assert 'teacher resnet8x4' in stdout
     assert (student_folder(cwd, 'resnet8', 'resnet8x4', 'hkd', 1, 'p2') / 'resnet8_best.pth').is_file()
