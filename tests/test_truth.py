@@ -93,7 +93,8 @@ def test_one_step_of_the_objective(path_t, distill):
     before = [p.detach().clone() for _, p in trained]
     loss, _, _ = train_step(objective, trainer.optimizer, x, batch, opt, device)
 
-    assert float(loss) == pytest.approx(want, rel=1e-5, abs=1e-6), (float(loss), want)
+    loss = float(loss.detach())
+    assert loss == pytest.approx(want, rel=1e-5, abs=1e-6), (loss, want)
     for k, v in model_t.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group['params']}
