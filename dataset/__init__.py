@@ -116,10 +116,12 @@ def get_dataloaders(opt, data_mode='plain', drop_last=False, extra_views=0, view
         raise UserError('the training set gives %d images per process, fewer than one batch of --batch_size %d '
                         '(this method drops incomplete batches); lower --batch_size' % (per_replica, batch_size))
 
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory(opt),
-                  persistent_workers=num_workers > 0)
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory(opt))
+    # fresh training workers every epoch: persistent ones would carry their random streams from epoch to
+    # epoch, which a resumed run cannot reproduce (it starts new workers), so its augmentations would differ
     train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=drop_last, **common)
-    val_loader = DataLoader(val_set, shuffle=False, sampler=val_sampler, **common)
+    val_loader = DataLoader(val_set, shuffle=False, sampler=val_sampler, persistent_workers=num_workers > 0,
+                            **common)
     return train_loader, val_loader, train_sampler, len(train_set)
 
 

@@ -211,9 +211,7 @@ def assert_same_tensors(a, b, where):
         assert a == b, (where, a, b)
 
 
-@pytest.mark.parametrize('run', ['kd', 'crd', 'semckd', 'teacher', pytest.param('kd-workers', marks=pytest.mark.xfail(
-    strict=True, reason='persistent DataLoader workers keep their seeds across epochs, a resumed run draws new '
-                        'ones: needs persistent_workers=False for the train loader in dataset/__init__.py'))])
+@pytest.mark.parametrize('run', ['kd', 'crd', 'semckd', 'teacher', 'kd-workers'])
 def test_killed_and_resumed_run_equals_uninterrupted_run(teacher_run, tmp_path, run):
     """Killed in the middle of epoch 2, resumed; that run killed between epochs 2 and 3, resumed
     again: the end equals the uninterrupted run's bit for bit (weights, optimiser, RNG, metrics)."""
