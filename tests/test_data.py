@@ -326,7 +326,9 @@ def test_worker_processes(cifar_root):
     root, written = cifar_root
     opt = make_opt(data_folder=str(root), num_workers=1, nce_k=8)
     train_loader, val_loader, _, _ = dataset.get_dataloaders(opt, 'crd')
-    assert train_loader.persistent_workers and train_loader.num_workers == 1
+    # fresh training workers each epoch (exact resume), persistent validation workers
+    assert not train_loader.persistent_workers and train_loader.num_workers == 1
+    assert val_loader.persistent_workers
     _, y, index, contrast = next(iter(train_loader))
     labels = np.array(written['train'][1])
     assert torch.equal(contrast[:, 0], index) and (labels[contrast[:, 1:].numpy()] != y.numpy()[:, None]).all()
