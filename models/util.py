@@ -257,6 +257,15 @@ def _optional_bn(channels, use_bn):
     return nn.BatchNorm2d(channels) if use_bn else nn.Sequential()
 
 
+def _ft_stack(conv, channels, use_bn):
+    """FT's 3x3 stacks: ``conv`` (+ optional BN) + LeakyReLU(0.1) per step of ``channels``; the
+    indices of the Sequential are RepDistiller's parameter names (``encoder.3.weight``, ...)."""
+    layers = []
+    for c_in, c_out in zip(channels, channels[1:]):
+        layers += [conv(c_in, c_out, 3, 1, 1), _optional_bn(c_out, use_bn), nn.LeakyReLU(0.1, inplace=True)]
+    return nn.Sequential(*layers)
+
+
 class Paraphraser(nn.Module):
     """FT's paraphraser: a convolutional auto-encoder of the teacher's last stage map.
 
@@ -272,28 +281,8 @@ class Paraphraser(nn.Module):
         super().__init__()
         in_channel = t_shape[1]
         out_channel = int(t_shape[1] * k)
-        self.encoder = nn.Sequential(
-            nn.Conv2d(in_channel, in_channel, 3, 1, 1),
-            _optional_bn(in_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(in_channel, out_channel, 3, 1, 1),
-            _optional_bn(out_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(out_channel, out_channel, 3, 1, 1),
-            _optional_bn(out_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-        )
-        self.decoder = nn.Sequential(
-            nn.ConvTranspose2d(out_channel, out_channel, 3, 1, 1),
-            _optional_bn(out_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.ConvTranspose2d(out_channel, in_channel, 3, 1, 1),
-            _optional_bn(in_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.ConvTranspose2d(in_channel, in_channel, 3, 1, 1),
-            _optional_bn(in_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-        )
+        self.encoder = _ft_stack(nn.Conv2d, [in_channel, in_channel, out_channel, out_channel], use_bn)
+        self.decoder = _ft_stack(nn.ConvTranspose2d, [out_channel, out_channel, in_channel, in_channel], use_bn)
 
     def forward(self, f_s, is_factor=False):
         factor = self.encoder(f_s)
@@ -310,17 +299,7 @@ class Translator(nn.Module):
         super().__init__()
         in_channel = s_shape[1]
         out_channel = int(t_shape[1] * k)
-        self.encoder = nn.Sequential(
-            nn.Conv2d(in_channel, in_channel, 3, 1, 1),
-            _optional_bn(in_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(in_channel, out_channel, 3, 1, 1),
-            _optional_bn(out_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(out_channel, out_channel, 3, 1, 1),
-            _optional_bn(out_channel, use_bn),
-            nn.LeakyReLU(0.1, inplace=True),
-        )
+        self.encoder = _ft_stack(nn.Conv2d, [in_channel, in_channel, out_channel, out_channel], use_bn)
 
     def forward(self, f_s):
         return self.encoder(f_s)
