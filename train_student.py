@@ -18,6 +18,7 @@ from helper.loops import DistillObjective, validate
 from helper.options import add_common_args, finish_common
 from helper.teacher import SPLIT, get_teacher_name, load_teacher
 from helper.distributed import launch, wrap_ddp
+from helper.fold_bn import frozen_teacher
 from helper.trainer import Trainer, is_main, log_main, prepare_save_folder, run_main, setup_device
 
 
@@ -127,18 +128,23 @@ def build_trainer(opt, device):
     distiller = build_distiller(opt.distill, feat_s, feat_t, opt)
 
     model_t.requires_grad_(False)
-    model_t, model_s, distiller = model_t.to(device), model_s.to(device), distiller.to(device)
+    # the forward pass runs a copy with the BatchNorms folded in; the distiller got the original
+    teacher = frozen_teacher(model_t, probe, opt.fold_teacher, log)
+    model_t, teacher, model_s, distiller = (m.to(device) for m in (model_t, teacher, model_s, distiller))
     if opt.channels_last:
-        model_t = model_t.to(memory_format=torch.channels_last)
-        model_s = model_s.to(memory_format=torch.channels_last)
+        for m in (model_t, teacher, model_s, distiller):
+            m.to(memory_format=torch.channels_last)
     log('==> teacher {} from {}; student {}; method {}; {} on {}'.format(
         opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
+    # fused on a GPU: one kernel, and with fp16 the scaler's overflow check stays on the device
     optimizer = optim.SGD(list(model_s.parameters()) + list(distiller.parameters()), lr=opt.learning_rate,
-                          momentum=opt.momentum, weight_decay=opt.weight_decay)
+                          momentum=opt.momentum, weight_decay=opt.weight_decay, fused=device.type == 'cuda')
     # the frozen teacher stays unwrapped; the memory banks of CRD are per-process buffers
     train_s = wrap_ddp(model_s, device)
-    train_s = torch.compile(train_s) if opt.compile else train_s
-    objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False), opt)
+    train_d = wrap_ddp(distiller, device, broadcast_buffers=False)
+    if opt.compile:
+        train_s, train_d, teacher = torch.compile(train_s), torch.compile(train_d), torch.compile(teacher)
+    objective = DistillObjective(train_s, teacher, train_d, opt)
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
     return Trainer(opt, objective, {'model': model_s, 'distiller': distiller}, train_s, optimizer,
                    train_loader, val_loader, device, train_sampler=train_sampler, file_prefix=opt.model_s,
