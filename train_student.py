@@ -137,8 +137,12 @@ def build_trainer(opt, device):
     log('==> teacher {} from {}; student {}; method {}; {} on {}'.format(
         opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
     # fused on a GPU: one kernel, and with fp16 the scaler's overflow check stays on the device
+    fused = device.type == 'cuda'
     optimizer = optim.SGD(list(model_s.parameters()) + list(distiller.parameters()), lr=opt.learning_rate,
-                          momentum=opt.momentum, weight_decay=opt.weight_decay, fused=device.type == 'cuda')
+                          momentum=opt.momentum, weight_decay=opt.weight_decay, fused=fused)
+    # a resumed state from another device must not switch that back (the scaler relies on it)
+    optimizer.register_load_state_dict_post_hook(
+        lambda o: [g.update(fused=fused, foreach=None) for g in o.param_groups])
     # the frozen teacher stays unwrapped; the memory banks of CRD are per-process buffers
     train_s = wrap_ddp(model_s, device)
     train_d = wrap_ddp(distiller, device, broadcast_buffers=False)

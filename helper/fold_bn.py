@@ -55,7 +55,8 @@ class _Readers(TorchDispatchMode):
 
 
 def _conv_bn_pairs(model, x):
-    """``{bn name: conv name}`` for each BatchNorm2d that alone reads, every time, one Conv2d's output."""
+    """``({bn name: conv name}, _outputs(model, x))``, a pair for each BatchNorm2d that alone reads, every
+    time, one Conv2d's output."""
     produced = {}  # id(conv output) -> (conv name, the tensor: kept so that its id stays its own)
     fed_by, calls, hooks = {}, {}, []
 
@@ -92,12 +93,12 @@ def _conv_bn_pairs(model, x):
              and calls[bn] == 3}
     used = list(pairs.values())
     return {bn: conv for bn, conv in pairs.items()
-            if calls[conv] == 3 and used.count(conv) == 1 and conv not in shared}
+            if calls[conv] == 3 and used.count(conv) == 1 and conv not in shared}, outputs
 
 
 @torch.no_grad()
 def _fold_into(conv, bn):
-    # in float64, so the folded weights are the exact product rounded once
+    # the per-channel constants in float64, so each folded weight is rounded about once
     scale = bn.running_var.double().add(bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight.double()
@@ -106,8 +107,7 @@ def _fold_into(conv, bn):
         shift = shift + bn.bias.double()
     if conv.bias is not None:
         shift = shift + conv.bias.double() * scale
-    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
-    conv.weight.copy_(weight)
+    conv.weight.mul_(scale.to(conv.weight.dtype).view(-1, *([1] * (conv.weight.dim() - 1))))
     conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
 
 
@@ -122,8 +122,7 @@ def fold_bn(model, probe, rtol=1e-3):
     model.eval()
     try:
         with torch.no_grad():
-            pairs = _conv_bn_pairs(model, probe)
-            expected = _outputs(model, probe)
+            pairs, expected = _conv_bn_pairs(model, probe)
     finally:
         model.train(was_training)
     folded = copy.deepcopy(model).eval().requires_grad_(False)

@@ -271,3 +271,19 @@ def test_crd_constants_are_fixed_once_with_one_all_reduce_per_load(monkeypatch):
     assert len(reduces) == 4
     torch.testing.assert_close(memory.Z_v1, saved['Z_v1'])
     torch.testing.assert_close(memory.Z_v2, saved['Z_v2'])
+
+
+def test_sgd_is_fused_on_a_gpu_only_and_a_loaded_state_keeps_that(path_t):
+    # fused SGD takes GradScaler's overflow flag as a device tensor; the unfused step reads it with .item()
+    _, trainer = build(path_t, 'kd', torch.device('cpu'))
+    optimizer = trainer.optimizer
+    assert not any(g['fused'] for g in optimizer.param_groups)
+    state = optimizer.state_dict()
+    for group in state['param_groups']:
+        group['fused'] = True  # as saved by a run on a GPU
+    optimizer.load_state_dict(state)
+    assert not any(g['fused'] for g in optimizer.param_groups)
+    if torch.cuda.is_available():
+        _, trainer = build(path_t, 'kd', torch.device('cuda'))
+        assert all(g['fused'] for g in trainer.optimizer.param_groups)
+        assert trainer.optimizer._step_supports_amp_scaling
