@@ -18,6 +18,7 @@ from helper.loops import DistillObjective, InitObjective, validate
 from helper.options import add_common_args, finish_common
 from helper.teacher import SPLIT, get_teacher_name, load_teacher
 from helper.distributed import launch, wrap_ddp
+from helper.fold_bn import frozen_teacher
 from helper.trainer import Trainer, is_main, log_main, prepare_save_folder, run_main, setup_device
 
 
@@ -122,21 +123,32 @@ def build_trainer(opt, device):
     distiller = build_distiller(opt.distill, feat_s, feat_t, opt, model_s=model_s, model_t=model_t)
 
     model_t.requires_grad_(False)
-    model_t, model_s, distiller = model_t.to(device), model_s.to(device), distiller.to(device)
+    # the forward pass runs a copy with the BatchNorms folded in; the distiller got the original. Not
+    # where the method needs the teacher as it is: in train mode (batch statistics), or with hooks it
+    # registered on the teacher's modules (a copy would not call them)
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model_t.modules())
+    teacher = frozen_teacher(model_t, probe, opt.fold_teacher and not method.teacher_train_mode and not hooked, log)
+    model_t, teacher, model_s, distiller = (m.to(device) for m in (model_t, teacher, model_s, distiller))
     if opt.channels_last:
-        model_t = model_t.to(memory_format=torch.channels_last)
-        model_s = model_s.to(memory_format=torch.channels_last)
+        for m in (model_t, teacher, model_s, distiller):
+            m.to(memory_format=torch.channels_last)
     log('==> teacher {} from {}; student {}; method {}; {} on {}'.format(
         opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
+    # fused on a GPU: one kernel, and with fp16 the scaler's overflow check stays on the device
+    fused = device.type == 'cuda'
     optimizer = optim.SGD(trainable(model_s, distiller), lr=opt.learning_rate,
-                          momentum=opt.momentum, weight_decay=opt.weight_decay)
+                          momentum=opt.momentum, weight_decay=opt.weight_decay, fused=fused)
+    # a resumed state from another device must not switch that back (the scaler relies on it)
+    optimizer.register_load_state_dict_post_hook(
+        lambda o: [g.update(fused=fused, foreach=None) for g in o.param_groups])
     # the frozen teacher stays unwrapped; the memory banks of CRD start as rank 0's, then each process
     # updates its own with the global batch
     sync_bn = getattr(opt, 'sync_bn', False)
     train_s = wrap_ddp(model_s, device, sync_bn=sync_bn)
-    train_s = torch.compile(train_s) if opt.compile else train_s
-    objective = DistillObjective(train_s, model_t, wrap_ddp(distiller, device, broadcast_buffers=False,
-                                                            sync_bn=sync_bn), opt)
+    train_d = wrap_ddp(distiller, device, broadcast_buffers=False, sync_bn=sync_bn)
+    if opt.compile:
+        train_s, train_d, teacher = torch.compile(train_s), torch.compile(train_d), torch.compile(teacher)
+    objective = DistillObjective(train_s, teacher, train_d, opt)
     eval_model = StudentPredictor(train_s, distiller) if method.changes_prediction else train_s
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None
 

@@ -11,7 +11,8 @@ Differences from the RepDistiller/SemCKD code, none of which changes a value:
   * scores come from one ``(batch, n_data)`` matrix product followed by a gather, instead of
     gathering ``batch * (K + 1)`` bank rows (537 MB per bank per step for CIFAR-100 with the
     default ``K = 16384``); the gather is still used when it is the smaller of the two;
-  * no host-device synchronisation: the constants are fixed on the device with ``torch.where``;
+  * no host-device synchronisation: the constants are fixed on the device with ``torch.where``,
+    and once they are, later steps skip computing them (no all-reduce per step under DDP);
   * negatives, when not supplied, are drawn with torch's RNG on the bank's device (uniform,
     which is what the reference's alias sampler with all-ones weights amounts to).
 """
@@ -59,6 +60,8 @@ class ContrastMemory(nn.Module):
         # negative until the first batch fixes them
         self.register_buffer('Z_v1', torch.tensor(-1.0))
         self.register_buffer('Z_v2', torch.tensor(-1.0))
+        # host-side: are Z_v1/Z_v2 fixed? False until a forward has run since the last state_dict load
+        self._constants_fixed = False
 
     def sample(self, y):
         """Draw ``[bsz, K + 1]`` indices uniformly (torch RNG, bank's device); column 0 = ``y``."""
@@ -90,10 +93,17 @@ class ContrastMemory(nn.Module):
                 self._update(all_v1, all_v2, all_y)
             out_v1 = torch.exp(out_v1 / self.T)
             out_v2 = torch.exp(out_v2 / self.T)
-            # clones: the buffers are rewritten in place by the next step
-            Z_v1 = self._fix_constant(self.Z_v1, out_v1)
-            Z_v2 = self._fix_constant(self.Z_v2, out_v2)
-            return out_v1 / Z_v1, out_v2 / Z_v2
+            if not self._constants_fixed:
+                # the first batch fixes them (a loaded state_dict may have done so: where() keeps those)
+                self._fix_constant(self.Z_v1, out_v1)
+                self._fix_constant(self.Z_v2, out_v2)
+                self._constants_fixed = True
+            return out_v1 / self.Z_v1, out_v2 / self.Z_v2
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # the loaded constants may be unset (-1): let the next batch look again
+        self._constants_fixed = False
 
     @staticmethod
     def _gathered_scores(v, bank, idx):
@@ -140,7 +150,6 @@ class ContrastMemory(nn.Module):
             torch.distributed.all_reduce(mean)
             mean /= _world_size()
         Z.copy_(torch.where(Z < 0, mean * self.nLem, Z))
-        return Z.clone()
 
 
 def _world_size():

@@ -36,13 +36,20 @@ class RKDLoss(nn.Module):
 
         with torch.no_grad():
             t_d = self.pdist(teacher)
-            t_d = t_d / t_d[t_d > 0].mean()
+            t_d = t_d / self.positive_mean(t_d)
             t_angle = self.angles(teacher)
         d = self.pdist(student)
-        d = d / d[d > 0].mean()
+        d = d / self.positive_mean(d)
         loss_d = F.smooth_l1_loss(d, t_d)
         loss_a = F.smooth_l1_loss(self.angles(student), t_angle)
         return self.w_d * loss_d + self.w_a * loss_a
+
+    @staticmethod
+    def positive_mean(d):
+        """The reference's ``d[d > 0].mean()`` as a masked sum over a count: boolean indexing waits
+        for the device to learn the result's size, this does not."""
+        positive = d > 0
+        return torch.where(positive, d, torch.zeros_like(d)).sum() / positive.sum()
 
     @staticmethod
     def pdist(e, squared=False, eps=1e-12):

@@ -60,8 +60,15 @@ def add_common_args(parser):
 
     g = parser.add_argument_group('speed')
     g.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast mixed precision')
-    g.add_argument('--channels_last', action='store_true', help='NHWC memory format for models and inputs')
-    g.add_argument('--compile', action='store_true', help='torch.compile the trained model')
+    g.add_argument('--channels_last', nargs='?', choices=['auto', 'on', 'off'], default='auto', const='on',
+                   help="NHWC memory format for the models, the method's modules and the inputs; auto (default): "
+                        'on on the CPU, where it measures faster, off on a GPU unless --amp')
+    g.add_argument('--compile', action='store_true',
+                   help="torch.compile the trained model (and, distilling, the frozen teacher and the method's "
+                        'modules)')
+    g.add_argument('--no_fold_teacher', dest='fold_teacher', action='store_false',
+                   help='train_student.py: run the frozen teacher as it is, not with its BatchNorms folded into '
+                        'its convolutions')
     from helper.distributed import add_distributed_args
     add_distributed_args(parser)
     return parser
@@ -94,4 +101,18 @@ def finish_common(opt, model_name_for_lr):
     opt.num_workers = max(0, min(opt.num_workers, os.cpu_count() or 1))
     if getattr(opt, 'wandb', False) and 'wandb' not in sys.modules and importlib.util.find_spec('wandb') is None:
         raise UserError('--wandb needs the wandb package: pip install wandb (or drop --wandb)')
+    opt.channels_last = use_channels_last(opt.channels_last, opt)
     return opt
+
+
+def use_channels_last(choice, opt):
+    """Resolve --channels_last auto|on|off (or a bool) to a bool, the value parameters.json records."""
+    if isinstance(choice, bool):
+        return choice
+    if choice != 'auto':
+        return choice == 'on'
+    import torch
+    on_gpu = torch.cuda.is_available() and getattr(opt, 'cpu_procs', 0) == 0
+    # CPU: NHWC convolutions measured faster (README, Performance); GPU: tensor cores prefer NHWC, which
+    # only AMP uses (fp32 convolutions are left as they are)
+    return not on_gpu or getattr(opt, 'amp', None) is not None

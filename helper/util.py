@@ -33,35 +33,39 @@ def adjust_learning_rate(epoch, opt, optimizer):
 
 
 class Meter:
-    """Sums of per-sample loss and top-1/top-5 hits, kept on the device.
+    """Sums of per-sample loss and top-1/top-5 hits, kept on the device, and the sample count.
 
-    ``update`` never synchronises with the host; ``values()`` does (call it only when
-    printing). ``all_reduce`` sums the counts of every process, weighted by their sample
-    counts, so uneven shards give the exact global mean.
+    ``update`` never synchronises with the host: the sums stay on the device and the count,
+    which the host knows, stays on the host. ``values()`` does (call it only when printing).
+    ``all_reduce`` sums the counts of every process, weighted by their sample counts, so
+    uneven shards give the exact global mean.
     """
 
     def __init__(self, device):
-        # [loss_sum, top1_hits, top5_hits, n]
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        # [loss_sum, top1_hits, top5_hits]
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.n = 0
 
     def update(self, loss, logits, target):
         n = target.size(0)
         acc1, acc5 = accuracy(logits.detach(), target, topk=(1, min(5, logits.size(1))))
-        step = torch.stack([loss.detach().double() * n, acc1.double() * n / 100.0,
-                            acc5.double() * n / 100.0, torch.tensor(float(n), dtype=torch.float64,
-                                                                    device=self.sums.device)])
-        self.sums += step
+        self.sums += torch.stack([loss.detach().double() * n, acc1.double() * n / 100.0,
+                                  acc5.double() * n / 100.0])
+        self.n += n
 
     def all_reduce(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sums)
+            both = torch.cat([self.sums, self.sums.new_full((1,), self.n)])
+            torch.distributed.all_reduce(both)
+            self.sums = both[:3].clone()
+            self.n = int(both[3])
         return self
 
     def values(self):
         """(top1 %, top5 %, mean loss, n) as Python floats."""
-        loss_sum, hit1, hit5, n = self.sums.tolist()
-        n = max(n, 1.0)
-        return 100.0 * hit1 / n, 100.0 * hit5 / n, loss_sum / n, int(n)
+        loss_sum, hit1, hit5 = self.sums.tolist()
+        n = max(self.n, 1)
+        return 100.0 * hit1 / n, 100.0 * hit5 / n, loss_sum / n, self.n
 
 
 class TermMeter:

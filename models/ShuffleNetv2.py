@@ -17,8 +17,16 @@ __all__ = ['ShuffleV2']
 
 
 def channel_shuffle(x, groups=2):
-    """Interleave the channels of ``groups`` groups so the two branches mix."""
+    """Interleave the channels of ``groups`` groups so the two branches mix.
+
+    The output keeps the input's memory format (reshape alone would turn NHWC into NCHW, and
+    every following convolution would convert it back).
+    """
     n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # the same interleaving on the NHWC storage, viewed back as NCHW
+        nhwc = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, c // groups)
+        return nhwc.transpose(3, 4).reshape(n, h, w, c).permute(0, 3, 1, 2)
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 

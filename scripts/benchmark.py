@@ -12,9 +12,13 @@ temporary ``{model_t}_vanilla/`` folder. By default the data are ``--dataset syn
 training images (CRD's memory bank and negatives have CIFAR's size), so nothing needs downloading.
 
 Per configuration: ``--warmup`` steps, then ``--steps`` timed steps of ``helper.loops.train_step`` on batches of
-the run's train loader, each step = waiting for the next batch and moving it to the device + the train step,
-with the device synchronised before every clock read. Reported: median, min/max and quartiles of ms/step,
-images/s (batch * 1000 / median ms), the data share (time waiting for batches / total), peak memory
+the run's train loader. On the CPU each step is clocked on the host: waiting for the next batch and moving it
+to the device + the train step. On a GPU a clock read would need a host sync, which training never makes:
+the ``--steps`` batches are loaded and moved to the device first (host clock per batch, one sync at the end:
+the data time), then the steps run back to back with a CUDA event recorded between consecutive steps, read
+after one final sync, so ms/step there is the device's time per step without data loading. Reported:
+median, min/max and quartiles of ms/step, images/s (batch * 1000 / median ms), the data share (time
+waiting for batches / total; on a GPU data / (data + steps), as if loading did not overlap), peak memory
 (``torch.cuda.max_memory_allocated`` on a GPU, the process's max RSS on the CPU) and the floating-point work
 of one step (student and adapters forward + backward, teacher forward; ``torch.utils.flop_counter``), with
 the achieved rate as a fraction of the device's own matmul rate, measured once at start with a large matmul
@@ -142,20 +146,48 @@ def count_flops(trainer, data, device):
     from torch.utils.flop_counter import FlopCounterMode
     from helper.loops import _prepare_input, to_batch, train_step
     objective, opt = trainer.objective, trainer.opt
-    # a compiled student runs inductor kernels the counter cannot see; count its eager original
-    compiled = objective.model_s
-    objective.model_s = getattr(compiled, '_orig_mod', compiled)
+    # compiled modules run inductor kernels the counter cannot see; count their eager originals
+    names = ('model_s', 'model_t', 'distiller')
+    compiled = {name: getattr(objective, name) for name in names}
+    for name, module in compiled.items():
+        setattr(objective, name, getattr(module, '_orig_mod', module))
     try:
         x, batch = to_batch(data, device)
         x = _prepare_input(x, opt)
         with FlopCounterMode(display=False) as counter:
             train_step(objective, trainer.optimizer, x, batch, opt, device, trainer.scaler)
     finally:
-        objective.model_s = compiled
+        for name, module in compiled.items():
+            setattr(objective, name, module)
     # the teacher only runs forward, so its share is attributed without ambiguity
     teacher = sum(sum(counts.values()) for name, counts in counter.get_flop_counts().items()
                   if name.split('.')[1:] == ['model_t'])
     return int(counter.get_total_flops()), int(teacher)
+
+
+def time_steps_cuda(step, next_input, warmup, steps, device):
+    """(ms of each step, ms of loading each batch) on a GPU, with no host sync between the steps.
+
+    Not run by the tests (they have no GPU).
+    """
+    for _ in range(warmup):
+        step(*next_input())
+    torch.cuda.synchronize(device)
+    inputs, waits = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        inputs.append(next_input())
+        waits.append((time.perf_counter() - start) * 1e3)
+    start = time.perf_counter()
+    torch.cuda.synchronize(device)  # the last copies to the device belong to the data time
+    waits[-1] += (time.perf_counter() - start) * 1e3
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for event, (x, batch) in zip(events[1:], inputs):
+        step(x, batch)
+        event.record()
+    torch.cuda.synchronize(device)
+    return [a.elapsed_time(b) for a, b in zip(events, events[1:])], waits
 
 
 def measure(argv, warmup, steps, rates):
@@ -190,27 +222,31 @@ def measure(argv, warmup, steps, rates):
             batches[0] = iter(loader)
             return next(batches[0])
 
+    def next_input():
+        x, batch = to_batch(next_batch(), device)
+        return _prepare_input(x, opt), batch
+
+    def step(x, batch):
+        train_step(objective, optimizer, x, batch, opt, device, trainer.scaler)
+
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    totals, waits = [], []
-    for i in range(warmup + steps):
-        synchronize(device)
-        start = time.perf_counter()
-        x, batch = to_batch(next_batch(), device)
-        x = _prepare_input(x, opt)
-        synchronize(device)
-        fed = time.perf_counter()
-        train_step(objective, optimizer, x, batch, opt, device, trainer.scaler)
-        synchronize(device)
-        end = time.perf_counter()
-        if i >= warmup:
-            totals.append((end - start) * 1e3)
-            waits.append((fed - start) * 1e3)
-    if device.type == 'cuda':
+        totals, waits = time_steps_cuda(step, next_input, warmup, steps, device)
         peak, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, 'cuda_max_allocated'
     else:
+        totals, waits = [], []
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            x, batch = next_input()
+            fed = time.perf_counter()
+            step(x, batch)
+            end = time.perf_counter()
+            if i >= warmup:
+                totals.append((end - start) * 1e3)
+                waits.append((fed - start) * 1e3)
         import resource
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 'max_rss'  # KiB on Linux
+    data_share = sum(waits) / (sum(waits) + sum(totals)) if device.type == 'cuda' else sum(waits) / sum(totals)
     flops, teacher_flops = count_flops(trainer, next_batch(), device)
 
     median = statistics.median(totals)
@@ -222,7 +258,7 @@ def measure(argv, warmup, steps, rates):
         'ms_per_step_median': median, 'ms_per_step_min': min(totals), 'ms_per_step_max': max(totals),
         'ms_per_step_p25': _percentile(totals, 0.25), 'ms_per_step_p75': _percentile(totals, 0.75),
         'images_per_s': opt.batch_size * 1e3 / median,
-        'data_ms_median': statistics.median(waits), 'data_share': sum(waits) / sum(totals),
+        'data_ms_median': statistics.median(waits), 'data_share': data_share,
         'flops_per_step': flops, 'flops_teacher_forward': teacher_flops,
         'flops_student_and_adapters': flops - teacher_flops,
         'achieved_tflops': achieved, 'matmul_fraction': achieved / rate if rate else None,
@@ -323,14 +359,15 @@ def main(argv=None):
             or platform.machine(),
             'torch': torch.__version__, 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
             'loadavg_start': list(os.getloadavg()), 'matmul_tflops': rates, 'switches': switches,
+            'fold_teacher': first.fold_teacher,
             'results': [],
         }
         print('device {} ({}), {} threads, load average {:.2f}; matmul {}'.format(
             report['device'], report['device_name'], report['threads'], report['loadavg_start'][0],
             ', '.join('{} {:.3f} TFLOP/s'.format(k, v) for k, v in rates.items())))
-        print('teacher {} -> student {}, {} warm-up + {} timed steps, switches: {}'.format(
+        print('teacher {} -> student {}, {} warm-up + {} timed steps, switches: {}, fold_teacher={}'.format(
             args.model_t, args.model_s, args.warmup, args.steps,
-            ', '.join('{}={}'.format(k, v) for k, v in switches.items())))
+            ', '.join('{}={}'.format(k, v) for k, v in switches.items()), first.fold_teacher))
         sys.stdout.flush()
         for method, batch_size in configs:
             argv_s = student_argv(args, passthrough, method, batch_size, teacher_path, tmp)

@@ -8,6 +8,8 @@ import train_student
 from helper.loops import to_batch, train_step
 from helper.trainer import setup_device
 from models import model_dict
+from models.ShuffleNetv1 import channel_shuffle as shuffle_v1
+from models.ShuffleNetv2 import channel_shuffle as shuffle_v2
 
 
 @pytest.fixture(scope='module')
@@ -19,14 +21,18 @@ def path_t(tmp_path_factory):
     return folder / 'ckpt.pth'
 
 
-def first_losses(path_t, distill, *switches, steps=2):
+def build(path_t, distill, *switches):
     opt = train_student.parse_option([
         '--path-t', str(path_t), '--model_s', 'resnet8', '--distill', distill, '-b', '1', '--dataset', 'synthetic',
         '--synthetic_train_size', '32', '--synthetic_val_size', '16', '--batch_size', '8', '--num_workers', '0',
         '--nce_k', '16', '--seed', '5', '--learning_rate', '0.01'] + list(switches))
     opt.distributed, opt.rank, opt.world_size, opt.local_rank = False, 0, 1, 0
     device = setup_device(opt)
-    trainer = train_student.build_trainer(opt, device)
+    return opt, device, train_student.build_trainer(opt, device)
+
+
+def first_losses(path_t, distill, *switches, steps=2):
+    opt, device, trainer = build(path_t, distill, *switches)
     trainer.train_sampler.set_epoch(1)
     trainer.objective.train()
     losses = []
@@ -41,8 +47,8 @@ def first_losses(path_t, distill, *switches, steps=2):
 
 @functools.lru_cache(maxsize=None)
 def fp32_losses(path_t, distill):
-    """The plain run's losses, computed once per method for every switch compared with it."""
-    return first_losses(path_t, distill)
+    """The plain (NCHW, float32) run's losses, computed once per method for every switch compared with it."""
+    return first_losses(path_t, distill, '--channels_last', 'off')
 
 
 @pytest.mark.parametrize('distill', ['semckd', 'crd'])
@@ -61,3 +67,40 @@ def test_compile_matches_eager(path_t):
     reference = fp32_losses(path_t, 'semckd')
     compiled = first_losses(path_t, 'semckd', '--compile')
     assert torch.allclose(compiled, reference, rtol=1e-3, atol=1e-4), (compiled, reference)
+
+
+def test_compile_covers_teacher_student_and_method(path_t):
+    _, _, trainer = build(path_t, 'semckd', '--compile')
+    objective = trainer.objective
+    for module in (objective.model_s, objective.model_t, objective.distiller):
+        assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+
+
+@pytest.mark.parametrize('choice,expected', [([], True), (['--channels_last'], True),
+                                             (['--channels_last', 'on'], True), (['--channels_last', 'off'], False)])
+def test_channels_last_covers_the_method_and_is_on_by_default_on_the_cpu(path_t, choice, expected):
+    opt, device, trainer = build(path_t, 'semckd', *choice)
+    assert device.type == 'cpu' and opt.channels_last is expected  # parameters.json records the bool
+    objective = trainer.objective
+    def convs(module):  # weights whose NCHW and NHWC layouts differ
+        return [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+
+    # SemCKD's projection heads are most of its work: they follow the switch too
+    assert len(convs(objective.distiller)) >= 3
+    for module in (objective.model_s, objective.model_t, objective.distiller):
+        for p in convs(module):
+            assert p.is_contiguous(memory_format=torch.channels_last) == expected
+            assert p.is_contiguous() == (not expected)
+
+
+@pytest.mark.parametrize('shuffle,groups', [(shuffle_v1, 3), (shuffle_v1, 2), (shuffle_v2, 2)])
+def test_channel_shuffle_keeps_channels_last(shuffle, groups):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 5, 3)
+    # ground truth: output channel i * groups + g is input channel g * (12 // groups) + i
+    expected = torch.stack([x[:, g * (12 // groups) + i] for i in range(12 // groups) for g in range(groups)], 1)
+    nchw = shuffle(x, groups)
+    nhwc = shuffle(x.contiguous(memory_format=torch.channels_last), groups)
+    assert torch.equal(nchw, expected) and nchw.is_contiguous()
+    assert torch.equal(nhwc, expected)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
