@@ -6,7 +6,7 @@ cannot show that in time, but it can count the calls: ``SyncRecorder`` records e
 that needs a value on the host (at the Python level with a TorchFunctionMode, and below it, where
 ``.item()``, ``nonzero`` and bool-mask indexing become aten operations, with a
 TorchDispatchMode) and every tensor built from host data. Every registered method runs one
-``train_step`` (plus the loop's per-step metric and NaN-watch updates) of resnet8x4 -> resnet8 at
+``train_step`` (plus the loop's per-step metric and NaN-watch updates) of resnet8x4 -> resnet8x4 at
 batch 8 under it; none needs an exception. With a GPU the same steps also run under
 ``torch.cuda.set_sync_debug_mode('error')``.
 
@@ -129,7 +129,7 @@ def path_t(tmp_path_factory):
 
 def build(path_t, distill, device, *flags):
     opt = train_student.parse_option([
-        '--path-t', str(path_t), '--model_s', 'resnet8', '--distill', distill, '-b', '1', '--dataset', 'synthetic',
+        '--path-t', str(path_t), '--model_s', 'resnet8x4', '--distill', distill, '-b', '1', '--dataset', 'synthetic',
         '--synthetic_train_size', '32', '--synthetic_val_size', '8', '--batch_size', '8', '--num_workers', '0',
         '--nce_k', '16', '--seed', '3'] + list(flags))
     opt.distributed, opt.rank, opt.world_size, opt.local_rank = False, 0, 1, 0
