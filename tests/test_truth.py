@@ -64,11 +64,11 @@ def method_total(out):
 
 
 @pytest.mark.parametrize('distill', sorted(DISTILLERS))
-def test_one_step_of_the_objective(path_t, distill):
+def test_one_step_of_the_objective(path_t, distill, *flags):
     """loss = gamma*CE + alpha*KL_T + beta*term, by hand; the teacher (BN statistics included)
     does not move; every trainable parameter of student and method is stepped by the optimiser."""
     # --init_epochs 0: the main stage's step (an init stage would train other modules first)
-    opt, device, trainer, x, batch = build(path_t, distill, '--init_epochs', '0')
+    opt, device, trainer, x, batch = build(path_t, distill, '--init_epochs', '0', *flags)
     objective = trainer.objective
     objective.train()
     model_s, model_t = unwrap(objective.model_s), objective.model_t
@@ -96,7 +96,11 @@ def test_one_step_of_the_objective(path_t, distill):
     torch.set_rng_state(rng)
 
     teacher_before = {k: v.clone() for k, v in model_t.state_dict().items()}
-    assert any(k.endswith('running_mean') for k in teacher_before)
+    # the teacher that runs has its BatchNorms folded in by default, unless the method needs them
+    # (test_the_unfolded_teacher_keeps_its_batchnorm_statistics checks those)
+    assert teacher_before
+    if '--no_fold_teacher' in flags:
+        assert any(k.endswith('running_mean') for k in teacher_before)
     trained = [(name, p) for module in (model_s, distiller) for name, p in module.named_parameters()
                if p.requires_grad]
     before = [p.detach().clone() for _, p in trained]
@@ -113,6 +117,12 @@ def test_one_step_of_the_objective(path_t, distill):
     for (name, p), old in zip(trained, before):
         assert id(p) in in_optimizer, name
         assert not torch.equal(p.detach(), old), name + ' did not change in a step'
+
+
+@pytest.mark.parametrize('distill', ['kd', 'semckd'])
+def test_the_unfolded_teacher_keeps_its_batchnorm_statistics(path_t, distill):
+    """The same step with --no_fold_teacher: the teacher's running statistics exist and do not move."""
+    test_one_step_of_the_objective(path_t, distill, '--no_fold_teacher')
 
 
 def lr_by_hand(epoch, lr, rate, decay_epochs):
