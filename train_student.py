@@ -129,7 +129,7 @@ def build_trainer(opt, device):
 
     model_t.requires_grad_(False)
     # the forward pass runs a copy with the BatchNorms folded in; the distiller got the original
-    teacher = frozen_teacher(model_t, probe, opt.fold_teacher, log)
+    teacher = frozen_teacher(model_t, probe[:1], opt.fold_teacher, log)
     model_t, teacher, model_s, distiller = (m.to(device) for m in (model_t, teacher, model_s, distiller))
     if opt.channels_last:
         for m in (model_t, teacher, model_s, distiller):
