@@ -127,7 +127,7 @@ def build_trainer(opt, device):
     # where the method needs the teacher as it is: in train mode (batch statistics), or with hooks it
     # registered on the teacher's modules (a copy would not call them)
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model_t.modules())
-    teacher = frozen_teacher(model_t, probe, opt.fold_teacher and not method.teacher_train_mode and not hooked, log)
+    teacher = frozen_teacher(model_t, probe[:1], opt.fold_teacher and not method.teacher_train_mode and not hooked, log)
     model_t, teacher, model_s, distiller = (m.to(device) for m in (model_t, teacher, model_s, distiller))
     if opt.channels_last:
         for m in (model_t, teacher, model_s, distiller):

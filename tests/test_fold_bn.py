@@ -147,7 +147,8 @@ def test_a_conv_output_read_elsewhere_keeps_its_batchnorm():
 def test_a_wrong_fold_is_refused_and_the_teacher_runs_unfolded(monkeypatch):
     model = random_model('wrn_16_2')
     # WRN's stem output is also a feature and a shortcut: pairing it with the first block's bn1 is wrong
-    monkeypatch.setattr(fold_module, '_conv_bn_pairs', lambda m, x: ({'block1.layer.0.bn1': 'conv1'}, fold_module._outputs(m, x)))
+    monkeypatch.setattr(fold_module, '_conv_bn_pairs',
+                        lambda m, x: ({'block1.layer.0.bn1': 'conv1'}, fold_module._outputs(m, x)))
     x = torch.randn(2, 3, 32, 32)
     with pytest.raises(FoldError):
         fold_bn(model, x)

@@ -16,7 +16,6 @@ batch).
 """
 import collections
 import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
