@@ -10,12 +10,9 @@ output, averaged over space, is the pooled vector.
 import torch
 from torch import nn
 
+from models.ShuffleNetv2 import channel_shuffle  # keeps the memory format (channels_last)
+
 __all__ = ['ShuffleV2_Imagenet', 'shufflenet_v2_x0_5', 'shufflenet_v2_x2_0']
-
-
-def _channel_shuffle(x, groups):
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 def _depthwise(channels, stride):
@@ -60,7 +57,7 @@ class InvertedResidual(nn.Module):
             out = torch.cat((x1, self.branch2(x2)), dim=1)
         else:
             out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        return _channel_shuffle(out, 2)
+        return channel_shuffle(out, 2)
 
 
 class ShuffleNetV2(nn.Module):
