@@ -13,13 +13,17 @@ import os
 import torch
 import torch.optim as optim
 
+from dataset import test_set_identity
 from helper.errors import UserError
 from helper.loops import DistillObjective, InitObjective, validate
 from helper.options import add_common_args, finish_common
-from helper.teacher import SPLIT, get_teacher_name, load_teacher
+from helper.teacher import ACCURACY_FILE, SPLIT, get_teacher_name, load_teacher, teacher_accuracy
 from helper.distributed import launch, wrap_ddp
-from helper.fold_bn import frozen_teacher
+from helper.fold_bn import FoldError, frozen_teacher, scripted_teacher
 from helper.trainer import Trainer, is_main, log_main, prepare_save_folder, run_main, setup_device
+
+# the run folder of a run with --logit_stand ends with this (scripts/summarize.py reads it)
+LOGIT_STAND_SUFFIX = '_ls'
 
 
 def parse_option(argv=None):
@@ -39,6 +43,9 @@ def parse_option(argv=None):
     g.add_argument('-b', '--beta', type=float, default=0.0, help="weight of the method's own loss")
     g.add_argument('--kd_T', type=float, default=4, help='temperature of the KD loss')
     g.add_argument('--skip-validation', action='store_true', help="don't evaluate the teacher before training")
+    g.add_argument('--revalidate_teacher', action='store_true',
+                   help='evaluate the teacher even if an earlier run evaluated this checkpoint on this test set '
+                        '(its accuracy is kept in <save_root>/%s)' % ACCURACY_FILE.replace('%', '%%'))
     g.add_argument('--init_epochs', type=int, default=30,
                    help='epochs of the init stage of the methods that have one (RepDistiller: 30)')
     for cls in DISTILLERS.values():
@@ -66,6 +73,9 @@ def parse_option(argv=None):
 
     opt.model_name = SPLIT.join(['S', '{}_T', '{}_{}_{}_r', '{}_a', '{}_b', '{}_{}']).format(
         opt.model_s, opt.model_t, opt.dataset, opt.distill, opt.gamma, opt.alpha, opt.beta, opt.trial)
+    if getattr(opt, 'logit_stand', False):
+        # a run with logit standardisation is another experiment: its own folder, never the plain run's
+        opt.model_name += LOGIT_STAND_SUFFIX
     opt.save_folder = os.path.join(opt.save_root, 'student_model', opt.model_name)
     return opt
 
@@ -84,8 +94,8 @@ def worker(opt):
     if is_main(opt):
         prepare_save_folder(opt.save_folder)
     if not opt.skip_validation:
-        acc, acc5, _ = validate(trainer.val_loader, trainer.objective.model_t, opt, device)
-        log('teacher accuracy: {:.2f} (acc@5 {:.2f})'.format(acc, acc5))
+        teacher_accuracy(opt, lambda: validate(trainer.val_loader, trainer.objective.model_t, opt, device),
+                         test_set_identity(getattr(trainer.val_loader, 'dataset', None)), device, log)
     else:
         log('skipping teacher validation')
     if is_main(opt):
@@ -132,6 +142,20 @@ def build_trainer(opt, device):
     if opt.channels_last:
         for m in (model_t, teacher, model_s, distiller):
             m.to(memory_format=torch.channels_last)
+    opt.teacher_form = 'folded' if teacher is not model_t else 'as is'
+    # on the CPU a frozen oneDNN graph of the folded teacher is faster still (not under autocast, which
+    # it would not follow; --compile compiles the teacher instead)
+    if teacher is not model_t and device.type == 'cpu' and not opt.amp and not opt.compile:
+        # its own generator: the run's random stream must not depend on the teacher's form
+        images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+        if opt.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        try:
+            teacher = scripted_teacher(teacher, images, preact_t)
+            opt.teacher_form = 'folded, TorchScript'
+            log('==> teacher: runs as a frozen TorchScript graph for oneDNN (--no_fold_teacher: as loaded)')
+        except FoldError as e:
+            log('==> the folded teacher runs eagerly: {}'.format(e))
     log('==> teacher {} from {}; student {}; method {}; {} on {}'.format(
         opt.model_t, opt.path_t, opt.model_s, opt.distill, opt.dataset, device))
     # fused on a GPU: one kernel, and with fp16 the scaler's overflow check stays on the device
@@ -147,7 +171,12 @@ def build_trainer(opt, device):
     train_s = wrap_ddp(model_s, device, sync_bn=sync_bn)
     train_d = wrap_ddp(distiller, device, broadcast_buffers=False, sync_bn=sync_bn)
     if opt.compile:
-        train_s, train_d, teacher = torch.compile(train_s), torch.compile(train_d), torch.compile(teacher)
+        # an eval-mode teacher's weights never change: inductor may freeze them into its graph as
+        # constants (on the CPU it then prepacks them for oneDNN and fuses each conv with the add and
+        # ReLU after it). A train-mode teacher updates its BN statistics, so it is compiled as it is.
+        freeze = {'freezing': True} if not method.teacher_train_mode else None
+        train_s, train_d = torch.compile(train_s), torch.compile(train_d)
+        teacher = torch.compile(teacher, options=freeze)
     objective = DistillObjective(train_s, teacher, train_d, opt)
     eval_model = StudentPredictor(train_s, distiller) if method.changes_prediction else train_s
     scaler = torch.amp.GradScaler(device.type) if opt.amp == 'fp16' else None

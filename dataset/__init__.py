@@ -5,6 +5,10 @@ bank; ``'crd'`` (x, y, index, contrast_idx) with contrast_idx LongTensor [B, nce
 With ``extra_views > 0`` a batch is a dict ``{'input', 'target', ..., 'views': [x2, ...]}``. One wrapper,
 ``dataset.wrappers.MethodData``, adds all of this to every data set. Validation batches are always (x, y).
 """
+import hashlib
+import os
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -46,6 +50,24 @@ def build_datasets(opt, data_mode='plain', extra_views=0, view_transform=None):
                                replace=True if opt.dataset in CRD_WITH_REPLACEMENT else None,
                                extra_views=extra_views, view_transform=view_transform)
     return train_set, val_set
+
+
+def test_set_identity(val_set):
+    """A digest of what a model is evaluated on: the images and labels of ``val_set`` and its transform; None
+    when the set cannot say (a model's accuracy on it is then never reused)."""
+    h = hashlib.sha256()
+    if hasattr(val_set, 'identity'):
+        h.update(val_set.identity().encode())
+    elif hasattr(val_set, 'data') and hasattr(val_set, 'targets'):  # held in memory (CIFAR)
+        h.update(np.ascontiguousarray(val_set.data).tobytes())
+        h.update(np.asarray(val_set.targets, dtype=np.int64).tobytes())
+    elif hasattr(val_set, 'samples') and hasattr(val_set, 'root'):  # an ImageFolder: its files and labels
+        for path, label in val_set.samples:
+            h.update('{}\t{}\n'.format(os.path.relpath(path, val_set.root), label).encode())
+    else:
+        return None
+    h.update(repr(getattr(val_set, 'transform', None)).encode())
+    return h.hexdigest()
 
 
 class ShardSampler(torch.utils.data.Sampler):

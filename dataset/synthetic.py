@@ -64,6 +64,10 @@ class SyntheticImages(Dataset):
     def __len__(self):
         return self.size
 
+    def identity(self):
+        """What fixes every image and label (for ``dataset.test_set_identity``)."""
+        return repr(('synthetic', self.size, self.train, self.num_classes, self.seed, self.augment))
+
     def image(self, index):
         """The un-augmented image ``index``: always the same tensor for the same (seed, split, index)."""
         split = 0 if self.train else 1

@@ -18,8 +18,15 @@ in-place ReLU, a slice) and no returned feature, counted at the dispatcher; both
 run once per forward pass. (WRN's pre-activation BatchNorms follow additions and stay.) As a
 last guard ``fold_bn`` checks that the logits and every ``is_feat``/``preact`` feature of the
 copy equal the original's on the probe batch, raising ``FoldError`` otherwise.
+
+On the CPU the folded copy then runs as a frozen TorchScript graph optimised for oneDNN
+(``scripted_teacher``): each convolution's weights are reordered into oneDNN's layout once instead
+of at every call, and a convolution absorbs the addition and the ReLU after it, so the activations
+are not read and written again for them. It computes the same convolutions, so it equals the folded
+copy up to float rounding (checked on the probe batch, else the folded copy runs as it is).
 """
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
@@ -145,6 +152,64 @@ def count_folded(original, folded):
     def count(m):
         return sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())
     return count(original) - count(folded)
+
+
+class _Features(nn.Module):
+    """``model(x, is_feat=True, preact=preact)`` as a one-argument module, for tracing."""
+
+    def __init__(self, model, preact):
+        super().__init__()
+        self.model, self.preact = model, preact
+
+    def forward(self, x):
+        return self.model(x, is_feat=True, preact=self.preact)
+
+
+class ScriptedTeacher(nn.Module):
+    """The teacher's call signature over a frozen graph traced for one ``preact`` mode; calls with the other
+    mode run the eager ``model``. Logits alone (validation) come from the graph whatever ``preact`` is."""
+
+    def __init__(self, model, graph, preact):
+        super().__init__()
+        self.model, self.graph, self.preact = model, graph, preact
+
+    def forward(self, x, is_feat=False, preact=False):
+        if not is_feat:
+            return self.graph(x)[1]
+        if preact != self.preact:
+            return self.model(x, is_feat=True, preact=preact)
+        feats, logits = self.graph(x)
+        return list(feats), logits
+
+
+def scripted_teacher(model, probe, preact=False, rtol=1e-4):
+    """``model`` (an eval-mode teacher already on the CPU, in its memory format) as a ``ScriptedTeacher``.
+
+    ``probe``: a few images, traced with two of them (the graph does not fix the batch size: it is
+    checked on all of them). Raises ``FoldError`` when tracing fails or an output differs from the
+    eager model's by more than ``rtol`` of its largest entry.
+    """
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.compile, which costs 20-60 s of compilation per run
+        # here and measured slower; these calls are guarded by the check below and the eager fallback
+        warnings.simplefilter('ignore')
+        try:
+            traced = torch.jit.trace(_Features(model, preact).eval(), probe[:2], check_trace=False)
+            graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            teacher = ScriptedTeacher(model, graph, preact).eval()
+            # TorchScript profiles the first call and optimises the graph in the second (comparing its
+            # constants, on the host): both here, not in the first training step
+            for _ in range(3):
+                got = teacher(probe, is_feat=True, preact=preact)
+        except Exception as e:  # tracing raises many kinds; the eager teacher runs instead
+            raise FoldError('TorchScript could not trace {}: {}'.format(
+                type(model).__name__, str(e).splitlines()[0][:200] if str(e) else type(e).__name__))
+        expected = model(probe, is_feat=True, preact=preact)
+    got, expected = list(got[0]) + [got[1]], list(expected[0]) + [expected[1]]
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a.shape != b.shape or (a - b).abs().max() > rtol * b.abs().max().clamp(min=1e-6):
+            raise FoldError('the TorchScript teacher changes output {} of {}'.format(i, type(model).__name__))
+    return teacher
 
 
 def frozen_teacher(model, probe, fold=True, log=print):

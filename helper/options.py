@@ -68,7 +68,7 @@ def add_common_args(parser):
                         'modules)')
     g.add_argument('--no_fold_teacher', dest='fold_teacher', action='store_false',
                    help='train_student.py: run the frozen teacher as it is, not with its BatchNorms folded into '
-                        'its convolutions')
+                        'its convolutions (and on the CPU as a frozen TorchScript graph)')
     from helper.distributed import add_distributed_args
     add_distributed_args(parser)
     return parser

@@ -52,7 +52,8 @@ RESULT_FIELDS = (
     'num_workers', 'warmup', 'steps', 'ms_per_step_median', 'ms_per_step_min', 'ms_per_step_max',
     'ms_per_step_p25', 'ms_per_step_p75', 'images_per_s', 'data_ms_median', 'data_share', 'flops_per_step',
     'flops_teacher_forward', 'flops_student_and_adapters', 'achieved_tflops', 'matmul_fraction',
-    'peak_memory_mb', 'peak_memory_kind', 'params_student_M', 'params_adapters_M', 'device', 'error')
+    'peak_memory_mb', 'peak_memory_kind', 'params_student_M', 'params_adapters_M', 'teacher_form', 'device',
+    'error')
 
 
 def parse_args(argv=None):
@@ -146,11 +147,14 @@ def count_flops(trainer, data, device):
     from torch.utils.flop_counter import FlopCounterMode
     from helper.loops import _prepare_input, to_batch, train_step
     objective, opt = trainer.objective, trainer.opt
-    # compiled modules run inductor kernels the counter cannot see; count their eager originals
+    # compiled modules run inductor kernels, the TorchScript teacher oneDNN ops, that the counter cannot
+    # see; count their eager originals
+    from helper.fold_bn import ScriptedTeacher
     names = ('model_s', 'model_t', 'distiller')
     compiled = {name: getattr(objective, name) for name in names}
     for name, module in compiled.items():
-        setattr(objective, name, getattr(module, '_orig_mod', module))
+        eager = getattr(module, '_orig_mod', module)
+        setattr(objective, name, eager.model if isinstance(eager, ScriptedTeacher) else eager)
     try:
         x, batch = to_batch(data, device)
         x = _prepare_input(x, opt)
@@ -265,7 +269,7 @@ def measure(argv, warmup, steps, rates):
         'peak_memory_mb': peak, 'peak_memory_kind': kind,
         'params_student_M': n_params(trainer.modules['model']),
         'params_adapters_M': n_params(trainer.modules['distiller']),
-        'device': str(device), 'error': None,
+        'teacher_form': opt.teacher_form, 'device': str(device), 'error': None,
     }
 
 

@@ -69,7 +69,9 @@ TEACHER_ROW = 'Teacher'
 
 STUDENT_RUN = re.compile(r'^S[:~](?P<model_s>.+?)_T[:~](?P<model_t>.+?)_(?P<dataset>[^_]+)_(?P<distill>[^_]+)'
                          r'_r[:~](?P<gamma>[^_]+)_a[:~](?P<alpha>[^_]+)_b[:~](?P<beta>[^_]+)_(?P<trial>.+?)'
-                         r'(?:_dali[:~](?:cpu|gpu))?$')
+                         r'(?P<ls>_ls)?(?:_dali[:~](?:cpu|gpu))?$')  # _ls: train_student's LOGIT_STAND_SUFFIX
+# a run with logit standardisation is its own row: the method's key with this added
+LOGIT_STAND_KEY = '+ls'
 VANILLA_RUN = re.compile(r'^(?P<model>.+)_(?P<dataset>[^_]+)_lr_(?P<lr>[^_]+)_decay_(?P<wd>[^_]+)'
                          r'_trial_(?P<trial>.+?)(?:_dali[:~](?:cpu|gpu))?$')
 
@@ -170,7 +172,9 @@ def collect(root, dataset, include_incomplete, show_aux):
             continue
         weights = tuple(_as_float(get(k)) for k in ('gamma', 'alpha', 'beta'))
         teacher = real_teacher(root, get('model_t'), p.get('path_t'))
-        students.setdefault((get('distill'),) + weights, {}).setdefault((teacher, get('model_s')), []).append(run)
+        logit_stand = p['logit_stand'] if 'logit_stand' in p else bool(match and match.group('ls'))
+        distill = get('distill') + (LOGIT_STAND_KEY if logit_stand else '')
+        students.setdefault((distill,) + weights, {}).setdefault((teacher, get('model_s')), []).append(run)
 
     configs = {}
     for folder in _subfolders(os.path.join(root, 'models')):
@@ -244,14 +248,16 @@ def build_table(students, vanilla, metric, ddof, teacher_acc):
         return Cell([r[metric] for r in runs], ddof)
 
     order = {m: i for i, m in enumerate(PAPER_METHODS + OTHER_METHODS)}
-    keys = sorted(students, key=lambda k: (order.get(k[0], len(order)), k[0], [w if w is not None else -1
-                                                                             for w in k[1:]]))
+    keys = sorted(students, key=lambda k: (order.get(_base(k[0]), len(order)), k[0],
+                                           [w if w is not None else -1 for w in k[1:]]))
     by_method = {}
     for key in keys:
         by_method.setdefault(key[0], []).append(key)
 
     def label(key):
-        name = METHOD_NAMES.get(key[0], key[0])
+        name = METHOD_NAMES.get(_base(key[0]), _base(key[0]))
+        if key[0].endswith(LOGIT_STAND_KEY):
+            name += ' + LS'
         if len(by_method[key[0]]) == 1:
             return name
         gamma, alpha, beta = key[1:]
@@ -282,6 +288,11 @@ def build_table(students, vanilla, metric, ddof, teacher_acc):
         rows.append((label(key), 'method', cells, ari))
     rows.append((TEACHER_ROW, 'teacher', teacher_row, None))
     return pairs, rows
+
+
+def _base(distill):
+    """The method of a row's key ('kd+ls' -> 'kd')."""
+    return distill[:-len(LOGIT_STAND_KEY)] if distill.endswith(LOGIT_STAND_KEY) else distill
 
 
 def average_relative_improvement(semckd, method, student, pairs):

@@ -8,7 +8,8 @@ FIELDS = ['method', 'model_t', 'model_s', 'batch_size', 'dataset', 'amp', 'chann
           'num_workers', 'warmup', 'steps', 'ms_per_step_median', 'ms_per_step_min', 'ms_per_step_max',
           'ms_per_step_p25', 'ms_per_step_p75', 'images_per_s', 'data_ms_median', 'data_share', 'flops_per_step',
           'flops_teacher_forward', 'flops_student_and_adapters', 'achieved_tflops', 'matmul_fraction',
-          'peak_memory_mb', 'peak_memory_kind', 'params_student_M', 'params_adapters_M', 'device', 'error']
+          'peak_memory_mb', 'peak_memory_kind', 'params_student_M', 'params_adapters_M', 'teacher_form', 'device',
+          'error']
 TINY = ['--model_t', 'resnet8', '--model_s', 'resnet8', '--batch_size', '8', '--warmup', '2', '--steps', '3',
         '--synthetic_train_size', '64', '--synthetic_val_size', '16', '--num_workers', '0']
 

@@ -63,6 +63,14 @@ def test_switch_gives_finite_losses_close_to_fp32(path_t, distill, switches, rto
     assert ((switched - reference).abs() <= rtol * scale).all(), (switched, reference)
 
 
+def test_the_teacher_form_changes_only_rounding(path_t):
+    # the default teacher on the CPU (folded, TorchScript) against the teacher as loaded: same batches, same
+    # random draws, the same losses up to float rounding
+    default = fp32_losses(path_t, 'semckd')
+    as_is = first_losses(path_t, 'semckd', '--channels_last', 'off', '--no_fold_teacher')
+    assert torch.allclose(default, as_is, rtol=1e-5, atol=1e-6), (default, as_is)
+
+
 def test_compile_matches_eager(path_t):
     reference = fp32_losses(path_t, 'semckd')
     compiled = first_losses(path_t, 'semckd', '--compile')

@@ -253,6 +253,33 @@ def test_summary_keeps_weight_settings_apart(tmp_path):
     assert bad.returncode == 2 and 'is not a folder' in bad.stderr
 
 
+def test_logit_standardised_runs_have_their_own_folder_and_row(tmp_path):
+    import train_student
+    teacher = tmp_path / 'resnet8_vanilla' / 'ckpt.pth'
+    teacher.parent.mkdir()
+    teacher.write_bytes(b'')  # parse_option checks that the file exists, not what it holds
+    folders = [train_student.parse_option(['--path-t', str(teacher), '--distill', 'kd', '--save_root', 'r'] + ls)
+               .save_folder for ls in ([], ['--logit_stand'])]
+    # the run with the switch must not overwrite (or resume) the plain one
+    assert folders[1] == folders[0] + '_ls'
+
+    root = str(tmp_path / 'save')
+    base = {'model_s': 'resnet8x4', 'model_t': 'resnet32x4', 'dataset': 'cifar100', 'gamma': 1.0, 'alpha': 1.0,
+            'beta': 0.0, 'distill': 'kd'}
+    fabricate_run(vanilla_folder(root, 'resnet8x4', 0), 70.0, {'model': 'resnet8x4', 'dataset': 'cifar100'})
+    fabricate_run(student_folder(root, 'resnet8x4', 'resnet32x4', 'kd', 0, 0), 72.0, dict(base, logit_stand=False))
+    fabricate_run(student_folder(root, 'resnet8x4', 'resnet32x4', 'kd', 0, 0) + '_ls', 74.0,
+                  dict(base, logit_stand=True))
+    # a folder without parameters.json: the suffix alone says it
+    folder = student_folder(root, 'resnet8x4', 'resnet32x4', 'kd', 0, 1) + '_ls'
+    fabricate_run(folder, 76.0, {'epochs': 3})
+    os.remove(os.path.join(folder, 'parameters.json'))
+    out = subprocess.run([sys.executable, os.path.join(SCRIPTS, 'summarize.py'), '--root', root, '--metric', 'best'],
+                         capture_output=True, text=True, timeout=60).stdout
+    _, rows = parse_markdown_table(out, 'Student (teacher)')
+    assert rows['KD'][0].startswith('72.00') and rows['KD + LS'][0].startswith('75.00'), rows
+
+
 def test_plot_curves_writes_a_png(tmp_path):
     from PIL import Image
     a = student_folder(str(tmp_path), 'resnet8x4', 'resnet32x4', 'semckd', 400, 0)
