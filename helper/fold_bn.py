@@ -20,10 +20,10 @@ last guard ``fold_bn`` checks that the logits and every ``is_feat``/``preact`` f
 copy equal the original's on the probe batch, raising ``FoldError`` otherwise.
 
 On the CPU the folded copy then runs as a frozen TorchScript graph optimised for oneDNN
-(``scripted_teacher``): each convolution's weights are reordered into oneDNN's layout once instead
-of at every call, and a convolution absorbs the addition and the ReLU after it, so the activations
-are not read and written again for them. It computes the same convolutions, so it equals the folded
-copy up to float rounding (checked on the probe batch, else the folded copy runs as it is).
+(``scripted_teacher``): each convolution's weights are reordered into oneDNN's blocked layout once
+instead of at every call, and the activations stay in that layout from one convolution to the next
+(converted back only where a feature is returned). It computes the same convolutions, so it equals
+the folded copy up to float rounding (checked on a probe batch, else the folded copy runs as it is).
 """
 import copy
 import warnings
